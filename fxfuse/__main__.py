@@ -1,0 +1,5 @@
+import sys
+
+from fxfuse.cli import main
+
+sys.exit(main())

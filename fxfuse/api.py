@@ -1,0 +1,114 @@
+"""Public entry points: `optimize`, `report`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fxfuse.dynamo_backend import LAST_REPORT, Options, make_backend
+from fxfuse.report import Report
+
+RECOMPILE_LIMIT = 256
+
+
+class OptimizedModule(nn.Module):
+    """Calls like the original model (same args/kwargs, same outputs) and shares its parameters.
+
+    `state_dict`/`load_state_dict` use the original's keys; unknown attributes are looked up on the
+    original (so `opt.config` works for Hugging Face models).
+    """
+
+    def __init__(self, model: nn.Module, options: Options) -> None:
+        super().__init__()
+        self.original = model
+        self.options = options
+        self.fxfuse_report = Report(verified=options.verify)
+        compiled = torch.compile(model, backend=make_backend(options, self.fxfuse_report), dynamic=False)
+        # Not registered as a submodule: it would list every parameter a second time.
+        object.__setattr__(self, "_compiled", compiled)
+
+    def forward(self, *args, **kwargs):
+        # Anything dynamo cannot trace runs eagerly (graph break or whole-frame fallback), never fails.
+        # Dynamo caches per code object: every optimized instance of one class, every shape and grad
+        # mode adds an entry, so its default limit of 8 would silently stop optimizing the ninth.
+        with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=RECOMPILE_LIMIT,
+                                        accumulated_recompile_limit=max(RECOMPILE_LIMIT * 4, 1024)):
+            return self._compiled(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return self.original.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.original.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original"), name)
+
+
+def _capture_now(opt: OptimizedModule, example_inputs: tuple) -> None:
+    """Run the model once so capture, rewrite and verification happen now, leaving no trace: buffers
+    (batch-norm statistics) and the RNG state are restored afterwards."""
+    model = opt.original
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    try:
+        opt(*example_inputs)
+    finally:
+        torch.random.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Sequence[object] | None = None,
+    *,
+    patterns: Sequence[str] | None = None,
+    backend: str = "auto",
+    verify: bool = True,
+    compile_rest: bool = False,
+) -> OptimizedModule:
+    """Find attention / SPP patterns in `model`, verify and fuse them; returns a module that calls like it.
+
+    With `example_inputs` (a tuple of positional arguments) capture, rewrite and verification happen now;
+    without, at the first call (and again for inputs the captured graph does not cover).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}; "
+            "wrap a function in an nn.Module whose forward calls it"
+        )
+    if isinstance(model, OptimizedModule):
+        raise TypeError("this model is already optimized by fxfuse; pass the original model")
+    options = Options(tuple(patterns) if patterns is not None else None, backend, verify, compile_rest)
+    opt = OptimizedModule(model, options)
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        if not isinstance(example_inputs, (tuple, list)):
+            raise TypeError(
+                f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}"
+            )
+        _capture_now(opt, tuple(example_inputs))
+    return opt
+
+
+def report(model: nn.Module) -> Report:
+    """The report of an optimized model (or of the last `torch.compile(..., backend="fxfuse")`)."""
+    if isinstance(model, OptimizedModule):
+        return model.fxfuse_report
+    raise TypeError(
+        f"{type(model).__name__} was not produced by fxfuse.optimize; for torch.compile(backend='fxfuse') "
+        "use fxfuse.last_report()"
+    )
+
+
+def last_report() -> Report:
+    """The report accumulated by `torch.compile(model, backend="fxfuse")` in this process."""
+    return LAST_REPORT

@@ -1,0 +1,52 @@
+"""Backend choice for fused ops: CUDA -> Triton, CPU -> ATen fast path, anything else -> reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors (`TRITON_INTERPRET=1`, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(backend: str, device: torch.device | str) -> str:
+    """The backend that will run for tensors on `device`: "triton", "cpu" or "reference".
+
+    "triton" asked for on CPU tensors runs only under the Triton interpreter; otherwise the op uses its
+    reference implementation (the report shows which one ran).
+    """
+    device = torch.device(device)
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if triton_available() and (device.type == "cuda" or triton_interpreting()):
+            return "triton"
+        return "reference"
+    if backend == "cpu":
+        return "cpu" if device.type == "cpu" else "reference"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "reference"
+    if device.type == "cpu":
+        return "cpu"
+    return "reference"

@@ -1,0 +1,275 @@
+"""Triton backward of `fxfuse::attention`, FlashAttention-2 style.
+
+The op's schema returns only `out`, so the backward reruns the forward kernel to get the row
+statistics (max and 1 / sum), then: a preprocess kernel (delta = rowsum(dO * O)), a dk/dv kernel (one program per key
+block and kv head, looping over the query heads of its GQA group and over query blocks, so the group's
+gradients are summed in registers), and a dq kernel (one program per query block and query head). When
+bias needs a gradient, the dq kernel also writes dS [B, Hq, Nq, Nk] in float32, which is then summed to
+bias's broadcast shape (materialized: simple, and only paid for a learned bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fxfuse.backends import triton_interpreting
+from fxfuse.backends.triton.attention import (
+    attention_triton,
+    dot_args,
+    flags,
+    mma,
+    head_blocks,
+    kernel_args,
+    score_tile,
+)
+from fxfuse.fusion.attention.reference import reduce_to_shape
+
+
+@triton.jit
+def _attn_bwd_delta(
+    Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, NQ, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inb = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, mask=inb, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd, mask=inb, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _probs_and_ds(
+    s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """(p, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by masked_value."""
+    in_m = offs_m < NQ
+    if SOFTMAX:
+        m = tl.load(Stats + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
+        inv_l = tl.load(Stats + STATS_SIZE + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
+        # Fully -inf rows: m = -inf and 1/l = inf give NaN, as the reference's p does there.
+        p = tl.exp(s - m[:, None]) * inv_l[:, None]
+    else:
+        r = tl.maximum(s, 0.0)
+        p = r * r
+    valid = in_m[:, None] & (offs_n[None, :] < NK)
+    p = tl.where(valid, p, 0.0)
+    dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
+    if SOFTMAX:
+        delta = tl.load(Delta + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
+        ds = p * (dp - delta[:, None])
+    else:
+        ds = dp * 2.0 * r
+    ds = tl.where(keep & valid, ds, 0.0)
+    return p, ds
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DK, DV_,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
+    sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    H, HKV, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // HKV
+    hk = pid_bk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_n = offs_n[:, None] < NK
+    k = tl.load(
+        K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        mask=in_n & (offs_d[None, :] < D), other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        mask=in_n & (offs_dv[None, :] < DV), other=0.0,
+    )  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo = 0
+    if CAUSAL and SKIP_MASKED:
+        # Query rows above this key block's diagonal see none of its keys.
+        lo = (tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        for start_m in range(lo, NQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_m = offs_m[:, None] < NQ
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=in_m & (offs_d[None, :] < D), other=0.0,
+            )  # fmt: skip
+            do = tl.load(
+                DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+                mask=in_m & (offs_dv[None, :] < DV), other=0.0,
+            )  # fmt: skip
+            s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
+            s, keep = score_tile(
+                s, offs_m, offs_n, b, h, Bias, Mask, QSeg, KSeg,
+                sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
+                NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
+            )  # fmt: skip
+            p, ds = _probs_and_ds(
+                s, keep, offs_m, offs_n, b * H + h, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
+                SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+            dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
+            dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)
+    dk = dk * scale
+    tl.store(
+        DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty), mask=in_n & (offs_d[None, :] < D),
+    )  # fmt: skip
+    tl.store(
+        DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+        dv.to(DV_.dtype.element_ty), mask=in_n & (offs_dv[None, :] < DV),
+    )  # fmt: skip
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DQ, DS,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
+    sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
+    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, STORE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_m = offs_m[:, None] < NQ
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=in_m & (offs_d[None, :] < D), other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+        mask=in_m & (offs_dv[None, :] < DV), other=0.0,
+    )  # fmt: skip
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = NK
+    if CAUSAL and SKIP_MASKED:
+        hi = tl.maximum(tl.minimum(NK, (pid_m + 1) * BLOCK_M + causal_offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n[:, None] < NK
+        k = tl.load(
+            K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            mask=in_n & (offs_d[None, :] < D), other=0.0,
+        )  # fmt: skip
+        v = tl.load(
+            V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            mask=in_n & (offs_dv[None, :] < DV), other=0.0,
+        )  # fmt: skip
+        s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale
+        s, keep = score_tile(
+            s, offs_m, offs_n, b, h, Bias, Mask, QSeg, KSeg,
+            sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
+            NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
+        )  # fmt: skip
+        p, ds = _probs_and_ds(
+            s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
+            SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+        if STORE_DS:
+            tl.store(
+                DS + pid_bh * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], ds,
+                mask=in_m & (offs_n[None, :] < NK),
+            )  # fmt: skip
+        dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+    dq = dq * scale
+    tl.store(
+        DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty), mask=in_m & (offs_d[None, :] < D),
+    )  # fmt: skip
+
+
+def attention_triton_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    q_seg: Tensor | None,
+    k_seg: Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    masked_value: float,
+    score_fn: str,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] in the inputs' dtypes, and dbias in
+    bias's shape (float32) when `bias_grad`, else None."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    out, stats = attention_triton(
+        q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn, store_stats=True
+    )
+    block_d, block_dv = head_blocks(q, v)
+    if triton_interpreting():
+        block_m, block_n = 16, 16
+    elif max(block_d, block_dv) <= 128:
+        block_m, block_n = 32, 32
+    else:
+        block_m, block_n = 16, 16
+    delta = None
+    if stats is not None:
+        delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
+        _attn_bwd_delta[(triton.cdiv(nq, block_m), b * hq)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, dv_dim,
+            BLOCK_M=block_m, BLOCK_DV=block_dv,
+        )  # fmt: skip
+    stats = stats if stats is not None else out
+    delta = delta if delta is not None else out
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    store_ds = bias_grad and bias is not None
+    ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if store_ds else dq
+    tensors, strides = kernel_args(q, k, v, bias, mask, q_seg, k_seg)
+    common = dict(
+        **flags(bias, mask, q_seg, causal, masked_value, score_fn),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        **dot_args(q.dtype), num_warps=4, num_stages=1,
+    )  # fmt: skip
+    scalars = (float(scale), int(causal_offset), float(masked_value), b * hq * nq)
+    _attn_bwd_dkdv[(triton.cdiv(nk, block_n), b * hkv)](
+        q, k, v, *tensors, grad_out, stats, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
+        hq, hkv, nq, nk, d, dv_dim, hq // hkv, *scalars, **common,
+    )  # fmt: skip
+    _attn_bwd_dq[(triton.cdiv(nq, block_m), b * hq)](
+        q, k, v, *tensors, grad_out, stats, delta, dq, ds,
+        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dq.stride(),
+        hq, nq, nk, d, dv_dim, hq // hkv, *scalars, STORE_DS=store_ds, **common,
+    )  # fmt: skip
+    dbias = reduce_to_shape(ds, bias.shape) if store_ds else None
+    return dq, dk, dv, dbias

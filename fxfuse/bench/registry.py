@@ -1,0 +1,111 @@
+"""The case registry: adding a benchmark is one decorated function returning (baseline_fn, optimized_fn).
+
+    @case("op/attention[1x8x1024x64]", quick=True, compile=True)
+    def attention_op():
+        q, k, v = ...
+        return lambda: eager(q, k, v), lambda: attention(q, k, v)
+
+Setup runs only when the case is selected, so a case whose module does not exist yet (or whose model
+fails to optimize) raises `SkipCase` or ImportError there and is reported as skipped, not as a crash.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+Fn = Callable[[], object]
+Setup = Callable[[], tuple[Fn, Fn]]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class SkipCase(Exception):
+    """Raised by a case's setup when it cannot run here; the message is printed as the reason."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark. `compile=True` adds "<name> vs compile" (torch.compile'd original) in full runs."""
+
+    name: str
+    setup: Setup
+    suite: str = "cpu"
+    quick: bool = True
+    compile: bool = False
+    group: str = "op"
+
+
+@dataclass
+class Registry:
+    cases: list[Case] = field(default_factory=list)
+    families: list[tuple[str, Callable[[], list[Case]]]] = field(default_factory=list)
+
+    def case(
+        self, name: str, *, suite: str = "cpu", quick: bool = True, compile: bool = False, group: str = ""
+    ) -> Callable[[Setup], Setup]:
+        """Register `setup` (no arguments, returns (baseline_fn, optimized_fn)) as one case."""
+
+        def register(setup: Setup) -> Setup:
+            if any(c.name == name for c in self.cases):
+                raise ValueError(f"benchmark case {name!r} is registered twice")
+            self.cases.append(Case(name, setup, suite, quick, compile, group or name.split("/")[0]))
+            return setup
+
+        return register
+
+    def family(self, label: str) -> Callable[[Callable[[], list[Case]]], Callable[[], list[Case]]]:
+        """Register a function that lists cases only known at run time (one per model in a module)."""
+
+        def register(fn: Callable[[], list[Case]]) -> Callable[[], list[Case]]:
+            self.families.append((label, fn))
+            return fn
+
+        return register
+
+    def select(
+        self, suite: str, *, quick: bool, contains: str | None = None
+    ) -> Iterator[Case | tuple[str, Exception]]:
+        """Cases of `suite` in order; a family that cannot list its cases gives (label, error) instead."""
+        listed: list[Case] = list(self.cases)
+        for label, fn in self.families:
+            try:
+                listed += fn()
+            except Exception as e:  # the runner tells a missing module (skip) from a broken one (error)
+                if contains is None or contains in label:
+                    yield label, e
+        for c in listed:
+            if c.suite != suite or (quick and not c.quick):
+                continue
+            if contains is not None and contains not in c.name:
+                continue
+            yield c
+
+
+REGISTRY = Registry()
+case = REGISTRY.case
+family = REGISTRY.family
+
+
+def load_repo_module(relpath: str) -> ModuleType:
+    """Import a file of the repository that is not part of the package (examples/, benchmarks/)."""
+    path = REPO_ROOT / relpath
+    if not path.exists():
+        raise SkipCase(f"{relpath} does not exist yet")
+    name = "_fxfuse_bench_" + relpath.replace("/", "_").removesuffix(".py")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

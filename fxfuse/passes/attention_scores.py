@@ -1,0 +1,315 @@
+"""Attention scores: what happens between the score product q @ k^T and the normalization.
+
+`read_chain` walks from the softmax input down to the product and returns the ops on the way as terms
+(scale, bias, mask, cast) — every rule of that walk is in `CHAIN_RULES`. `normalize` then rewrites the
+terms, applied inner to outer, into the fused op's fixed order: s = qk * scale + bias, masked positions
+replaced by one value. Moves are made only where they are exact up to rounding (a scale after a bias
+scales the bias; a -inf fill survives a later bias); anything else is rejected with the reason.
+With `specialize`, constant masks are evaluated (a tril/triu/arange mask proven causal becomes
+causal=True), boolean conjunctions are split and segment-id equality becomes q_seg/k_seg.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.attention_layout import Step, is_number, read_product, val
+
+aten = torch.ops.aten
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default, aten.contiguous.default)
+_NOTS = (aten.bitwise_not.default, aten.logical_not.default)
+_ANDS = (aten.bitwise_and.Tensor, aten.logical_and.default, aten.__and__.Tensor, aten.mul.Tensor)
+_MASK_FLOOR = -1e30  # fills at or below this (finfo.min, -1e38) only ever mean "masked"
+_CONST_LIMIT = 1 << 24  # elements: constants larger than this are not evaluated at match time
+
+
+@dataclass
+class Term:
+    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast"
+    node: Node | None = None
+    value: float = 1.0  # scale factor, or a mask's fill value
+    keep: bool = True  # mask polarity: True where the node is True on attended positions
+    negate: bool = False  # a bias that is subtracted / a temperature that divides
+
+
+def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None:
+    """The value of a node computed from constants only (arange, full, tril, ...), or None."""
+    cache = {} if cache is None else cache
+    if node in cache:
+        return cache[node]
+    out = None
+    if node.op == "get_attr":
+        obj = node.graph.owning_module
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        out = obj if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) else None
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        v = val(node)
+        seeded = torch.Tag.nondeterministic_seeded in node.target.tags
+        if v is not None and v.numel() <= _CONST_LIMIT and not seeded and not node.target._schema.is_mutable:
+            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: constant_value(n, cache))
+            if all(a is not None for a in torch.fx.node.map_arg(args, lambda a: a) if True) and _all_known(node, cache):
+                with torch.no_grad():
+                    out = node.target(*args[0], **args[1])
+    cache[node] = out
+    return out
+
+
+def _all_known(node: Node, cache: dict) -> bool:
+    return all(cache.get(n) is not None for n in node.all_input_nodes)
+
+
+def _reaches_product(node: object, depth: int = 12) -> bool:
+    if not isinstance(node, Node) or depth == 0:
+        return False
+    if read_product(node) is not None:
+        return True
+    if node.op != "call_function" or node.target not in _CHAIN_OPS:
+        return False
+    return any(_reaches_product(a, depth - 1) for a in node.all_input_nodes)
+
+
+def _chain_arg(*candidates: object) -> Node | None:
+    hits = [c for c in candidates if _reaches_product(c)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _fill(x: object) -> float | None:
+    """A fill value: a Python number or a constant 0-d tensor."""
+    if is_number(x):
+        return float(x)
+    c = constant_value(x) if isinstance(x, Node) else None
+    return float(c) if c is not None and c.numel() == 1 else None
+
+
+def _rule_scale(n: Node) -> tuple[Node, Term] | None:
+    # s * c, c * s, s / c -> scale; s * t, s / t with a tensor t -> temperature (checked later)
+    if n.target not in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
+        return None
+    x = _chain_arg(*n.args) if n.target in (aten.mul.Tensor, aten.mul.Scalar) else _chain_arg(n.args[0])
+    if x is None:
+        return None
+    other = n.args[1] if n.args[0] is x else n.args[0]
+    divides = n.target in (aten.div.Tensor, aten.div.Scalar)
+    c = _fill(other)
+    if c is not None:
+        return x, Term("scale", value=1.0 / c if divides else c)
+    return x, Term("temperature", node=other, negate=divides)
+
+
+def _rule_bias(n: Node) -> tuple[Node, Term] | None:
+    # s + b, b + s, s - b with a float tensor b -> additive bias
+    if n.target not in (aten.add.Tensor, aten.sub.Tensor) or n.kwargs.get("alpha", 1) != 1:
+        return None
+    x = _chain_arg(*n.args) if n.target is aten.add.Tensor else _chain_arg(n.args[0])
+    other = n.args[1] if n.args[0] is x else n.args[0]
+    if x is None or not isinstance(other, Node) or val(other) is None or not val(other).is_floating_point():
+        return None
+    return x, Term("bias", node=other, negate=n.target is aten.sub.Tensor)
+
+
+def _rule_masked_fill(n: Node) -> tuple[Node, Term] | None:
+    # s.masked_fill(m, v) -> mask, True = masked
+    if n.target not in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        return None
+    v = _fill(n.args[2])
+    return None if v is None else (n.args[0], Term("mask", node=n.args[1], value=v, keep=False))
+
+
+def _rule_where(n: Node) -> tuple[Node, Term] | None:
+    # where(c, s, v) -> mask with c True = kept; where(c, v, s) -> mask with c True = masked
+    if n.target not in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
+        return None
+    cond, a, b = n.args
+    x = _chain_arg(a, b)
+    v = _fill(b if x is a else a)
+    return None if x is None or v is None else (x, Term("mask", node=cond, value=v, keep=x is a))
+
+
+def _rule_cast(n: Node) -> tuple[Node, Term] | None:
+    # s.float(), s.to(f16), clones -> nothing to do: the fused op computes in float32
+    if n.target not in _CASTS or not isinstance(n.args[0], Node):
+        return None
+    return n.args[0], Term("cast")
+
+
+CHAIN_RULES = (_rule_scale, _rule_bias, _rule_masked_fill, _rule_where, _rule_cast)
+_CHAIN_OPS = {
+    aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
+    aten.where.ScalarSelf, *_CASTS,
+}  # fmt: skip
+
+
+def read_chain(scores: Node) -> tuple[Node, list[Term]]:
+    """Walk from the normalization's input to the score product: (where the walk stopped, terms inner
+    to outer). The walk stops at a product, or at the first op no rule reads."""
+    terms, node = [], scores
+    while read_product(node) is None and node.op == "call_function":
+        for rule in CHAIN_RULES:
+            hit = rule(node)
+            if hit is not None:
+                node, term = hit
+                terms.append(term)
+                break
+        else:
+            break
+    return node, terms[::-1]
+
+
+@dataclass
+class Mask:
+    """A boolean input: `node` after `steps`, True on attended positions (negated first if not keep)."""
+
+    node: Node
+    keep: bool
+    steps: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class Scores:
+    """The score terms in the fused op's order."""
+
+    scale: float = 1.0
+    temperatures: list[Term] = field(default_factory=list)
+    biases: list[tuple[Node, float]] = field(default_factory=list)  # (bias, multiplier)
+    masks: list[Mask] = field(default_factory=list)
+    masked_value: float | None = None
+    causal: int | None = None  # causal_offset when proven causal
+    seg: tuple[Node, Node] | None = None
+    constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
+    casts: bool = False
+
+
+def causal_offset(keep: torch.Tensor) -> int | None:
+    """o such that keep == (j <= i + o) on every [N, M] slice, or None."""
+    if keep.dim() < 2 or keep.shape[-2] < 1 or keep.shape[-1] < 1:
+        return None
+    n, m = keep.shape[-2:]
+    flat = keep.reshape(-1, n, m)
+    if not bool((flat == flat[:1]).all()):
+        return None
+    tri = flat[0]
+    i, j = torch.arange(n)[:, None], torch.arange(m)[None, :]
+    for o in {int(tri[0].sum()) - 1, int(tri[-1].sum()) - n}:
+        if bool((tri == (j <= i + o)).all()):
+            return o
+    return None
+
+
+def _strip_unsqueeze(node: Node) -> tuple[Node, list[Step]]:
+    steps: list[Step] = []
+    while node.target is aten.unsqueeze.default and len(node.users) == 1:
+        steps.insert(0, (aten.unsqueeze.default, (node.args[1],)))
+        node = node.args[0]
+    return node, steps
+
+
+def _segments(node: Node, steps: list[Step], bh: tuple[int, ...]) -> tuple[Node, Node] | None:
+    """q_seg [B, Nq], k_seg [B, Nk] when `node` is `q_seg[:, :, None] == k_seg[:, None, :]`."""
+    if node.target is not aten.eq.Tensor or len(bh) != 2 or len(node.users) != 1:
+        return None
+    a, b = node.args
+    if a.target is not aten.unsqueeze.default or b.target is not aten.unsqueeze.default:
+        return None
+    qs, ks = a.args[0], b.args[0]
+    if val(qs).dim() != 2 or val(ks).dim() != 2 or val(qs).is_floating_point() or val(ks).is_floating_point():
+        return None
+    n, m = val(node).shape[-2:]
+    if a.args[1] % 3 != 2 or b.args[1] % 3 != 1 or tuple(val(qs).shape) != (bh[0], n):
+        return None
+    if tuple(val(ks).shape) != (bh[0], m) or [s[1][0] % (i + 4) for i, s in enumerate(steps)] != [1][: len(steps)]:
+        return None
+    return qs, ks
+
+
+def _add_mask(out: Scores, mask: Mask, specialize: bool, bh: tuple[int, ...]) -> None:
+    """Classify one boolean mask: constant (maybe causal), a conjunction, segment ids, or opaque."""
+    node = mask.node
+    if specialize and not mask.keep and node.target in _NOTS and len(node.users) == 1:
+        mask = Mask(node.args[0], True, mask.steps)
+        node = mask.node
+    const = constant_value(node) if specialize else None
+    if const is not None:
+        keep = const.bool() if mask.keep else ~const.bool()
+        off = causal_offset(keep)
+        if off is not None and (out.causal is None or out.causal == off):
+            out.causal, out.constants[node] = off, const
+            return
+        out.constants[node] = const
+    elif specialize and mask.keep:
+        inner, steps = _strip_unsqueeze(node)
+        if inner.target in _ANDS and val(inner).dtype == torch.bool and len(inner.users) == 1:
+            for part in inner.args:
+                _add_mask(out, Mask(part, True, steps + mask.steps), specialize, bh)
+            return
+        seg = _segments(inner, steps + mask.steps, bh)
+        if seg is not None and out.seg is None:
+            out.seg = seg
+            return
+    out.masks.append(mask)
+
+
+def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Scores | str:
+    """Fold the terms (inner to outer) into the fused op's order, or say why that is not exact."""
+    out = Scores()
+    for t in terms:
+        if t.kind == "cast":
+            out.casts = True
+        elif t.kind == "scale":
+            out.scale *= t.value
+            out.biases = [(b, m * t.value) for b, m in out.biases]
+            if out.masked_value is not None:
+                out.masked_value *= t.value
+        elif t.kind == "temperature":
+            if out.biases or out.masked_value is not None or out.causal is not None:
+                return "a tensor scale is applied after a bias or mask; the fused op cannot express that"
+            out.temperatures.append(t)
+        elif t.kind == "bias":
+            const = constant_value(t.node) if specialize else None
+            if const is not None and not bool(const.any()):
+                out.constants[t.node] = const  # an all-zero bias (T5's cross attention): nothing to add
+                continue
+            fill = _bias_as_mask(const)
+            if fill is not None and not t.negate:
+                err = _merge_fill(out, fill)
+                if err:
+                    return err
+                _add_mask(out, Mask(t.node, True, [(aten.eq.Scalar, (0,))]), True, bh)
+                out.constants.setdefault(t.node, const)
+                continue
+            if out.masked_value is not None and out.masked_value != -math.inf:
+                return f"a bias is added after a mask filled with {out.masked_value:g}; only -inf survives that exactly"
+            out.biases.append((t.node, -1.0 if t.negate else 1.0))
+            if const is not None:
+                out.constants[t.node] = const
+        elif t.kind == "mask":
+            err = _merge_fill(out, t.value)
+            if err:
+                return err
+            _add_mask(out, Mask(t.node, t.keep), specialize, bh)
+    return out
+
+
+def _bias_as_mask(const: torch.Tensor | None) -> float | None:
+    """The fill when a constant bias is 0 where attended and one huge negative value elsewhere."""
+    if const is None or not const.is_floating_point():
+        return None
+    low = const[const != 0]
+    if low.numel() == 0 or not bool((low == low.flatten()[0]).all()) or float(low.flatten()[0]) > _MASK_FLOOR:
+        return None
+    return float(low.flatten()[0])
+
+
+def _merge_fill(out: Scores, value: float) -> str | None:
+    if out.masked_value is None or out.masked_value == value:
+        out.masked_value = value
+        return None
+    both_masked = value <= _MASK_FLOOR and out.masked_value <= _MASK_FLOOR
+    if both_masked and not math.isinf(value) and not math.isinf(out.masked_value):
+        return None  # two "finfo.min"-like fills: a masked position stays masked either way
+    return f"masks fill different values ({out.masked_value:g} and {value:g})"

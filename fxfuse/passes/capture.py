@@ -1,0 +1,100 @@
+"""Capture: any dynamo graph -> the canonical IR, a static-shaped ATen FX graph with FakeTensor `meta["val"]`.
+
+TorchDynamo is the front end (it handles Python control flow, unrolls loops and breaks graphs on what it
+cannot trace). Each dynamo graph is re-traced here with `make_fx(pre_dispatch=True)`: ops come out at
+the ATen level *before* autograd (`aten.linear`, `aten.softmax.int`, `aten.max_pool2d`), so the returned
+graph still trains when run eagerly, and every node carries its FakeTensor value. Re-running the dynamo
+graph through an Interpreter under `preserve_node_meta` keeps each node's `stack_trace` and
+`nn_module_stack`, which the report uses to point at the user's line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+import torch._guards
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def to_fake(values: Sequence[object], mode: FakeTensorMode) -> list[object]:
+    return [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[object]) -> torch.fx.GraphModule:
+    """Re-trace `fn` (a dynamo GraphModule or any callable of tensors) into the canonical ATen graph.
+
+    Shapes are static: they come from `example_inputs` (real or fake tensors); dynamo recompiles for
+    other shapes, and each new graph comes through here again.
+    """
+    if isinstance(fn, torch.fx.GraphModule):
+        gm = fn
+
+        def fn(*args):
+            with torch.fx.traceback.preserve_node_meta():
+                return torch.fx.Interpreter(gm).run(*args)
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # Leave dynamo's tracing context (and its symbolic shape env) behind: we want concrete shapes.
+    with torch._guards.tracing(None):
+        fake_inputs = to_fake(example_inputs, mode)
+        with mode:
+            out = make_fx(fn, pre_dispatch=True)(*fake_inputs)
+    out.meta["fake_mode"] = mode
+    return out
+
+
+def capture_graphs(model: Callable, args: Sequence[object] = (), kwargs: dict | None = None) -> list:
+    """Every ATen graph dynamo produces for `model(*args, **kwargs)`, not rewritten (for tests, explain).
+
+    Returns a list of (graph, example_inputs) pairs, one per dynamo graph (graph breaks give several).
+    """
+    graphs: list = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append((aten_graph(gm, example_inputs), list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **(kwargs or {}))
+    torch._dynamo.reset()
+    return graphs
+
+
+_DYNAMO_ROOT = re.compile(r"^L\['(self|s|model|mod|m|fn)'\]\.?")
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _DYNAMO_ROOT.sub("", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"getattr\(L\['\w+'\]\.?, '([^']+)'\)", r"\1", path)
+    return path.strip(".")
+
+
+def _source_line(node: torch.fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    for path, line, _func, code in reversed(frames):
+        if "/torch/" in path or "/fxfuse/" in path:
+            continue
+        return f"{path.rsplit('/', 1)[-1]}:{line} `{code.strip()[:60]}`"
+    return ""
+
+
+def location(node: torch.fx.Node) -> str:
+    """`module.path (file.py:123 `source line`)` for the report; falls back to the node name."""
+    path, line = _module_path(node), _source_line(node)
+    if path and line:
+        return f"{path} ({line})"
+    return path or line or node.name

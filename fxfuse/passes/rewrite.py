@@ -1,0 +1,205 @@
+"""The driver: run each pattern family's matcher, verify every candidate, splice the verified ones in.
+
+A pass here has the torch.fx shape `GraphModule -> PassResult`; what it did goes to a list of `Rewrite`s.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch._guards
+from torch.fx import Graph, GraphModule, Node
+
+from fxfuse.passes.capture import location
+from fxfuse.passes.site import Rejection, Site
+from fxfuse.passes.verify import Comparison, compare, random_like, run_cases, tolerance
+from fxfuse.report import Rewrite
+
+# Pattern family -> "module:function" of its matcher. Families register here and nowhere else.
+FINDERS: dict[str, str] = {
+    "spp": "fxfuse.passes.spp:find_spp",
+    "attention": "fxfuse.passes.attention:find_attention",
+}
+META_KEY = "fxfuse"  # our namespace in node.meta
+
+
+def finder(pattern: str) -> Callable:
+    """The matcher of one pattern family (imported on first use)."""
+    if pattern not in FINDERS:
+        raise ValueError(f"unknown pattern {pattern!r}; available: {', '.join(FINDERS)}")
+    module, func = FINDERS[pattern].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _is_mutating(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def region_of(site: Site) -> list[Node] | str:
+    """Nodes computed between `site.inputs` and `site.output`, in graph order, or why the site is unsound."""
+    inputs = set(site.inputs)
+    seen: set[Node] = set()
+    stack = [site.output]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in inputs:
+            continue
+        if node.op in ("placeholder", "get_attr"):
+            return f"the region reads {node.name}, which the match does not account for"
+        if _is_mutating(node):
+            return f"the region contains the in-place op {node.target}"
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    seen.update(n for n in site.extra_region if n not in inputs)
+    for node in seen:
+        if node is site.output:
+            continue
+        outside = [u for u in node.users if u not in seen]
+        if outside:
+            return f"intermediate {node.name} is also used by {outside[0].name} outside the pattern"
+    order = {n: i for i, n in enumerate(site.output.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def extract(gm: GraphModule, site: Site, region: list[Node]) -> tuple[GraphModule, GraphModule]:
+    """Two standalone graphs over the site's inputs: the original region, and what `emit` builds."""
+    graph, env = Graph(), {}
+    for i, node in enumerate(site.inputs):
+        env[node] = graph.placeholder(f"input_{i}")
+        env[node].meta = dict(node.meta)
+    for node in region:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[site.output])
+    fused_graph = Graph()
+    placeholders = [fused_graph.placeholder(f"input_{i}") for i in range(len(site.inputs))]
+    fused_graph.output(site.emit(fused_graph, placeholders))
+    return GraphModule(gm, graph), GraphModule(gm, fused_graph)
+
+
+def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
+    vals = [n.meta.get("val") for n in site.inputs]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return Comparison(False, float("inf"), "an input has no tensor metadata")
+    out_val = site.output.meta.get("val")
+    rtol = tolerance(out_val.dtype if isinstance(out_val, torch.Tensor) else torch.float32, site.tolerance)
+
+    def make_inputs(case: str, seed: int) -> list[torch.Tensor]:
+        made = []
+        for i, val in enumerate(vals):
+            x = site.input_gen(i, val, case, seed) if site.input_gen else None
+            made.append(random_like(val, case, seed + 97 * i) if x is None else x)
+        return made
+
+    original, fused = extract(gm, site, region)
+    return run_cases(original, fused, make_inputs, rtol)
+
+
+def _fake_mode(gm: GraphModule):
+    mode = gm.meta.get("fake_mode")
+    if mode is None:
+        vals = [n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+        mode = torch._guards.detect_fake_mode(vals)
+    return mode
+
+
+def propagate_meta(gm: GraphModule, nodes: list[Node], provenance: Node, tag: dict) -> None:
+    """Give emitted nodes FakeTensor values (so later passes can reason about them) and the anchor's
+    provenance (module stack, source line) so the report and later tools can point at the user's code."""
+    mode = _fake_mode(gm)
+    for node in nodes:
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in provenance.meta:
+                node.meta[key] = provenance.meta[key]
+        node.meta[META_KEY] = dict(tag)
+        if node.op != "call_function" or mode is None:
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+def apply_site(gm: GraphModule, site: Site, region: list[Node]) -> Node:
+    graph = gm.graph
+    before = set(graph.nodes)
+    with graph.inserting_before(site.output):
+        new = site.emit(graph, list(site.inputs))
+    emitted = [n for n in graph.nodes if n not in before]
+    propagate_meta(gm, emitted, site.anchor, {"pattern": site.pattern, "variant": site.variant})
+    site.output.replace_all_uses_with(new)
+    for node in reversed(region):
+        if not node.users:
+            graph.erase_node(node)
+    return new
+
+
+def _stale(site: Site, graph: Graph) -> bool:
+    nodes = [site.output, site.anchor, *site.inputs]
+    return any(getattr(n, "_erased", False) or n.graph is not graph for n in nodes)
+
+
+def rewrite_patterns(
+    gm: GraphModule,
+    patterns: Sequence[str] | None,
+    backend: str,
+    verify: bool = True,
+) -> tuple[GraphModule, list[Rewrite], list[str]]:
+    """Canonicalize `gm`, then find, verify and apply every pattern family's sites (mutated in place).
+
+    `gm` is any ATen-level graph with FakeTensor `meta["val"]`: from `capture.aten_graph` (optimize,
+    torch.compile) or from `torch.export` (ONNX export)."""
+    from fxfuse.passes.canonicalize import canonicalize
+
+    gm = canonicalize(gm).graph_module
+    rewrites: list[Rewrite] = []
+    notes: list[str] = []
+    for pattern in FINDERS if patterns is None else patterns:
+        try:
+            sites = finder(pattern)(gm, backend)
+        except Exception as exc:  # one family's bug must not stop the others, nor the model
+            notes.append(f"{pattern} matcher failed ({type(exc).__name__}: {exc}); no {pattern} rewrites")
+            continue
+        for site in sites:
+            loc = location(site.anchor)
+            if isinstance(site, Rejection):
+                rewrites.append(Rewrite(site.pattern, site.variant, loc, "rejected", site.reason))
+                continue
+            record = Rewrite(site.pattern, site.variant, loc, "rejected", backend=site.backend)
+            rewrites.append(record)
+            if _stale(site, gm.graph):
+                record.reason = "overlaps a rewrite applied just before"
+                continue
+            region = region_of(site)
+            if isinstance(region, str):
+                record.reason = region
+                continue
+            if verify:
+                check = verify_site(gm, site, region)
+                record.max_rel_err = None if check.max_rel_err == float("inf") else check.max_rel_err
+                if not check.ok:
+                    record.reason = f"failed verification: {check.reason}"
+                    continue
+            else:
+                record.reason = "not verified (verify=False)"
+            apply_site(gm, site, region)
+            record.status = "applied"
+    gm.graph.lint()
+    gm.recompile()
+    return gm, rewrites, notes
+
+
+def check_whole_graph(
+    original: Callable, rewritten: Callable, example_inputs: Sequence[object], rtol: float | None = None
+) -> Comparison:
+    """Run the graph as captured and the rewritten one on (clones of) the real example inputs; in-place
+    ops such as batch-norm statistics updates then touch the clones, not the user's buffers."""
+    clone = lambda xs: [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in xs]
+    with torch.no_grad():
+        want = original(*clone(example_inputs))
+        got = rewritten(*clone(example_inputs))
+    dtypes = [w.dtype for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
+    low = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
+    # Rewrites compose: allow the sum of per-site tolerances' order of magnitude, not more.
+    return compare(got, want, rtol or (2e-2 if low else 1e-4))

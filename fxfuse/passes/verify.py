@@ -1,0 +1,112 @@
+"""Verify: a candidate is run against its fused replacement on random inputs before it is applied.
+
+Inputs have the captured shapes and dtypes. The cases cover several seeds, large magnitudes and all-negative
+values (which is what tells -inf padding from zero padding, for one). Outputs must agree within a dtype-aware
+relative tolerance, with NaN and ±inf exactly where the original has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# (case, seed): the default generator scales standard normals per case.
+CASES: tuple[tuple[str, int], ...] = (("normal", 0), ("normal", 1), ("normal", 2), ("large", 3), ("negative", 4))
+_SCALE = {"normal": 1.0, "large": 100.0}
+
+
+def tolerance(dtype: torch.dtype, override: float | None = None) -> float:
+    """Relative tolerance: 1e-5 for fp32/fp64 (or the site's override), 1e-2 for half precision."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return max(1e-2, override or 0.0)
+    return override if override is not None else 1e-5
+
+
+def random_like(val: torch.Tensor, case: str, seed: int) -> torch.Tensor:
+    """A random tensor with `val`'s shape, dtype and device (`val` may be a FakeTensor)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, dtype = tuple(val.shape), val.dtype
+    if dtype == torch.bool:
+        out = torch.rand(shape, generator=gen) < 0.5
+    elif dtype.is_floating_point or dtype.is_complex:
+        out = torch.randn(shape, generator=gen, dtype=torch.float64)
+        out = -out.abs() if case == "negative" else out * _SCALE.get(case, 1.0)
+        out = out.to(dtype)
+    else:
+        out = torch.randint(0, 4, shape, generator=gen).to(dtype)
+    return out.to(val.device)
+
+
+@dataclass
+class Comparison:
+    ok: bool
+    max_rel_err: float
+    reason: str = ""
+
+
+def compare(got: object, want: object, rtol: float) -> Comparison:
+    """Compare (nested) outputs: same structure, NaN/inf positions identical, max relative error <= rtol.
+
+    The relative error of a tensor is max|got - want| / max|want| over finite entries, so it does not
+    blow up at entries that happen to be near zero.
+    """
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            return Comparison(False, float("inf"), "output structure differs")
+        worst = Comparison(True, 0.0)
+        for g, w in zip(got, want):
+            c = compare(g, w, rtol)
+            if not c.ok:
+                return c
+            worst = Comparison(True, max(worst.max_rel_err, c.max_rel_err))
+        return worst
+    if not isinstance(want, torch.Tensor):
+        return Comparison(got == want, 0.0 if got == want else float("inf"), "" if got == want else "values differ")
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return Comparison(False, float("inf"), f"shape {getattr(got, 'shape', None)} != {tuple(want.shape)}")
+    if got.dtype != want.dtype:
+        return Comparison(False, float("inf"), f"dtype {got.dtype} != {want.dtype}")
+    if not want.dtype.is_floating_point:
+        same = torch.equal(got, want)
+        return Comparison(same, 0.0 if same else float("inf"), "" if same else "integer outputs differ")
+    g, w = got.detach().double(), want.detach().double()
+    if not torch.equal(torch.isnan(g), torch.isnan(w)):
+        n = int((torch.isnan(g) != torch.isnan(w)).sum())
+        return Comparison(False, float("inf"), f"NaN at {n} position(s) where the original has none, or vice versa")
+    inf_w, inf_g = torch.isinf(w), torch.isinf(g)
+    if not torch.equal(inf_w, inf_g) or not torch.equal(g[inf_w], w[inf_w]):
+        return Comparison(False, float("inf"), "±inf positions differ")
+    finite = torch.isfinite(w)
+    if not finite.any():
+        return Comparison(True, 0.0)
+    scale = w[finite].abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    err = float(((g - w)[finite].abs().max() / scale).item())
+    if err <= rtol:
+        return Comparison(True, err)
+    return Comparison(False, err, f"max relative error {err:.2e} > tolerance {rtol:.0e}")
+
+
+def run_cases(
+    original: Callable,
+    fused: Callable,
+    make_inputs: Callable[[str, int], Sequence[object]],
+    rtol: float,
+    cases: Sequence[tuple[str, int]] = CASES,
+) -> Comparison:
+    """Run both callables on each case's inputs; the first failing case decides."""
+    worst = 0.0
+    for case, seed in cases:
+        inputs = make_inputs(case, seed)
+        with torch.no_grad():
+            want = original(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+            try:
+                got = fused(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+            except Exception as exc:  # a fused op that fails on valid input is a rejection, not a crash
+                return Comparison(False, float("inf"), f"fused op raised {type(exc).__name__}: {exc}")
+        c = compare(got, want, rtol)
+        if not c.ok:
+            return Comparison(False, c.max_rel_err, f"{c.reason} (case {case}, seed {seed})")
+        worst = max(worst, c.max_rel_err)
+    return Comparison(True, worst)

@@ -1,0 +1,89 @@
+"""What `optimize` did: one `Rewrite` per candidate site, applied or rejected, with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+PATTERNS = ("attention", "linear_attention", "ssm_scan", "spp")
+
+
+@dataclass
+class Rewrite:
+    """One candidate site. `status` is "applied" or "rejected"; `reason` says why it was rejected."""
+
+    pattern: str
+    variant: str
+    location: str
+    status: str
+    reason: str = ""
+    max_rel_err: float | None = None
+    backend: str = ""
+    graph: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Report:
+    """Everything `optimize` captured and rewrote. Graphs are numbered in capture order."""
+
+    rewrites: list[Rewrite] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    graphs: int = 0
+    verified: bool = True
+
+    def count(self, pattern: str | None = None) -> int:
+        """Applied rewrites of `pattern` (all patterns when None)."""
+        if pattern is not None and pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
+        return sum(r.status == "applied" and (pattern is None or r.pattern == pattern) for r in self.rewrites)
+
+    def rejected(self, pattern: str | None = None) -> list[Rewrite]:
+        return [r for r in self.rewrites if r.status == "rejected" and (pattern is None or r.pattern == pattern)]
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": self.graphs,
+            "verified": self.verified,
+            "applied": self.count(),
+            "rejected": len(self.rejected()),
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        head = (
+            f"fxfuse report: {self.graphs} graph(s) captured, {self.count()} rewrite(s) applied, "
+            f"{len(self.rejected())} rejected" + ("" if self.verified else " (verification OFF: verify=False)")
+        )
+        lines = [head]
+        if self.rewrites:
+            cols = ("pattern", "status", "variant", "location", "backend", "max_rel_err", "reason")
+            rows = [
+                (
+                    r.pattern,
+                    r.status,
+                    r.variant,
+                    r.location,
+                    r.backend,
+                    "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
+                    r.reason,
+                )
+                for r in self.rewrites
+            ]
+            widths = [min(60, max(len(c), *(len(row[i]) for row in rows))) for i, c in enumerate(cols)]
+            widths[-1] = max(len(r[-1]) for r in rows)  # the reason is never cut
+            fmt = lambda row: "  ".join(str(v)[:w].ljust(w) for v, w in zip(row, widths)).rstrip()
+            lines += [fmt(cols), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+        elif self.graphs:
+            lines.append("no attention / linear attention / ssm scan / spp sites found")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__

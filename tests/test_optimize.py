@@ -1,0 +1,191 @@
+"""The public contract: optimize / report / CLI / torch.compile backend, on good and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+from examples.spp_models import SPPF, ConvBnAct, make_plain_cnn, make_yolo_sppf
+
+
+def test_non_module_is_a_clear_type_error():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        fxfuse.optimize(lambda x: x)
+
+
+def test_bad_options_are_clear_errors():
+    model, _ = make_plain_cnn()
+    with pytest.raises(ValueError, match="backend"):
+        fxfuse.optimize(model, backend="tpu")
+    with pytest.raises(ValueError, match="unknown pattern"):
+        fxfuse.optimize(model, patterns=["convolution"])
+    with pytest.raises(TypeError, match="tuple"):
+        fxfuse.optimize(model, example_inputs={"x": 1})
+
+
+def test_no_pattern_model_returned_working_with_empty_report():
+    model, inputs = make_plain_cnn()
+    opt = fxfuse.optimize(model, inputs)
+    rep = fxfuse.report(opt)
+    assert rep.count() == 0 and rep.graphs == 1
+    assert "no attention" in str(rep)
+    with torch.no_grad():
+        assert torch.equal(opt(*inputs), model(*inputs))
+
+
+def test_report_table_and_json():
+    model, inputs = make_yolo_sppf()
+    rep = fxfuse.report(fxfuse.optimize(model, inputs))
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["applied"] == 1 and d["rewrites"][0]["pattern"] == "spp"
+    r = rep.rewrites[0]
+    assert r.status == "applied" and r.backend == "cpu" and r.max_rel_err == 0.0
+    assert r.location.startswith("pool ") and "spp_models.py:" in r.location  # module path + user's line
+    text = str(rep)
+    assert "spp" in text and "applied" in text and "chained" in text
+
+
+def test_lazy_capture_and_recapture_on_new_shape_and_dtype():
+    model, _ = make_yolo_sppf()
+    opt = fxfuse.optimize(model)
+    assert fxfuse.report(opt).graphs == 0
+    for shape, dtype in [((1, 3, 64, 64), torch.float32), ((2, 3, 96, 64), torch.float32),
+                         ((1, 3, 64, 64), torch.float64)]:
+        x = torch.randn(shape, dtype=dtype)
+        if dtype == torch.float64:
+            model.double()
+        with torch.no_grad():
+            assert torch.equal(opt(x), model(x))
+    assert fxfuse.report(opt).graphs == 3 and fxfuse.report(opt).count("spp") == 3
+
+
+def test_nan_and_inf_inputs_match_original_positions():
+    model, inputs = make_yolo_sppf()
+    opt = fxfuse.optimize(model, inputs)
+    x = inputs[0].clone()
+    x[0, 0, 5:9, 5:9] = float("nan")
+    x[1, 1, 0, 0] = float("inf")
+    with torch.no_grad():
+        got, want = opt(x), model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any()
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def test_capture_leaves_model_state_untouched_and_shares_parameters():
+    model, inputs = make_yolo_sppf()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = fxfuse.optimize(model, inputs)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics restored
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert opt.pool.cv1 is model.pool.cv1  # attribute fall-through to the original
+    assert all(p is q for p, q in zip(opt.parameters(), model.parameters()))
+
+
+def test_training_gradients_match_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBnAct(3, 8, 3), SPPF(8, 4)).train()
+    x = torch.relu(torch.randn(2, 3, 12, 12))  # relu: ties inside pooling windows
+    opt = fxfuse.optimize(model, (x,))
+    assert fxfuse.report(opt).count("spp") == 1
+    opt(x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+class Looping(nn.Module):
+    """Python control flow and a loop over a dimension; a data-dependent branch forces a graph break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = SPPF(4, 4)
+
+    def forward(self, x, *, steps: int = 2, scale=None):
+        for i in range(x.shape[1] // 2):
+            x = x + i
+        if x.sum() > 0:  # data-dependent: dynamo breaks the graph here
+            x = x * 2
+        for _ in range(steps):
+            x = self.pool(x)
+        return {"out": x if scale is None else x * scale}
+
+
+def test_control_flow_kwargs_and_graph_breaks():
+    model = Looping().eval()
+    x = torch.randn(1, 4, 10, 10)
+    opt = fxfuse.optimize(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(opt(x, steps=2)["out"], model(x, steps=2)["out"])
+        assert torch.equal(opt(x, steps=1, scale=3.0)["out"], model(x, steps=1, scale=3.0)["out"])
+    assert fxfuse.report(opt).count("spp") >= 2
+
+
+def test_verify_false_is_reported():
+    model, inputs = make_yolo_sppf()
+    rep = fxfuse.report(fxfuse.optimize(model, inputs, verify=False))
+    assert rep.count("spp") == 1 and "not verified" in rep.rewrites[0].reason
+    assert "verification OFF" in str(rep)
+
+
+def test_patterns_filter():
+    model, inputs = make_yolo_sppf()
+    assert fxfuse.report(fxfuse.optimize(model, inputs, patterns=["attention"])).count() == 0
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        y = F.max_pool2d(x, 5, 1, 2)
+        return torch.cat([x, y], 1).numpy(force=True).sum()  # leaves torch: dynamo falls back
+
+
+def test_untraceable_model_still_runs():
+    model = Untraceable()
+    x = torch.randn(1, 2, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = fxfuse.optimize(model, (x,))
+        assert opt(x) == model(x)
+
+
+def test_torch_compile_backend_registered():
+    torch._dynamo.reset()  # earlier tests filled dynamo's per-code cache for this class (limit 8)
+    model, inputs = make_yolo_sppf()
+    before = fxfuse.last_report().count("spp")
+    compiled = torch.compile(model, backend="fxfuse", dynamic=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(*inputs), model(*inputs))
+    assert fxfuse.last_report().count("spp") == before + 1
+
+
+def test_entry_point_registers_backend_without_import():
+    code = (
+        "import torch, torch._dynamo\n"
+        "assert 'fxfuse' not in __import__('sys').modules\n"
+        "f = torch.compile(lambda x: torch.cat([x, torch.nn.functional.max_pool2d(x, 5, 1, 2)], 1),"
+        " backend='fxfuse', dynamic=False)\n"
+        "print(f(torch.randn(1, 2, 6, 6)).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([1, 4, 6, 6])" in out.stdout
+
+
+def test_cli_explain_prints_report():
+    out = subprocess.run(
+        [sys.executable, "-m", "fxfuse", "explain", "examples.spp_models:make_yolo_spp"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 rewrite(s) applied" in out.stdout and "sizes 1/5/9/13, parallel" in out.stdout
