@@ -60,7 +60,9 @@ class YoloNeck(nn.Module):
 
     def __init__(self, pool: type[nn.Module], c: int = 128) -> None:
         super().__init__()
-        self.stem = nn.Sequential(ConvBnAct(3, c // 4, 3, 2), ConvBnAct(c // 4, c // 2, 3, 2), ConvBnAct(c // 2, c, 3, 2))
+        self.stem = nn.Sequential(
+            ConvBnAct(3, c // 4, 3, 2), ConvBnAct(c // 4, c // 2, 3, 2), ConvBnAct(c // 2, c, 3, 2)
+        )
         self.pool = pool(c, c)
         self.lateral = ConvBnAct(c, c // 2)
         self.head = nn.Conv2d(c // 2, 18, 1)

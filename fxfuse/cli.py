@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(fxfuse.report(opt))
         with torch.no_grad():
             err = compare(opt(*inputs), model(*inputs), 1e-4)
-            m = paired_ratio(lambda: model(*inputs), lambda: opt(*inputs), QUICK)
+            m = paired_ratio(lambda m=model, x=inputs: m(*x), lambda o=opt, x=inputs: o(*x), QUICK)
         rows.append((name, fxfuse.report(opt).count(), m.ratio, m.q1, m.q3, err.max_rel_err))
     print("\nSpeedup (eager time / optimized time; paired, median of", QUICK.pairs, "pairs, this machine):")
     print(f"{'model':<22}{'rewrites':>9}{'speedup':>9}{'  q1..q3':<15}{'max rel err':>12}")

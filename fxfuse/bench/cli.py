@@ -207,6 +207,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "when FILE exists)",
     )
     p.add_argument("--plot", metavar="PNG", help="bar chart of the speedups")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine a second thread that gets descheduled "
+        "stalls every op, which made ratios swing 5x between pairs)",
+    )
     p.add_argument("--pairs", type=int, help="override the number of pairs per case (>= 5)")
     p.add_argument(
         "--results-dir",
@@ -229,6 +236,9 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
         import fxfuse.bench.cases  # noqa: F401  (registers the CPU suite)
 
         registry = REGISTRY
+    import torch
+
+    torch.set_num_threads(args.threads)
     config = QUICK if args.quick else FULL
     if args.pairs is not None:
         config = TimingConfig(args.pairs, config.warmup, config.sample_s, config.max_inner)

@@ -50,17 +50,14 @@ def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None
     elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
         v = val(node)
         seeded = torch.Tag.nondeterministic_seeded in node.target.tags
-        if v is not None and v.numel() <= _CONST_LIMIT and not seeded and not node.target._schema.is_mutable:
-            args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: constant_value(n, cache))
-            if all(a is not None for a in torch.fx.node.map_arg(args, lambda a: a) if True) and _all_known(node, cache):
+        small = v is not None and v.numel() <= _CONST_LIMIT
+        if small and not seeded and not node.target._schema.is_mutable:
+            if all(constant_value(n, cache) is not None for n in node.all_input_nodes):
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), cache.__getitem__)
                 with torch.no_grad():
-                    out = node.target(*args[0], **args[1])
+                    out = node.target(*args, **kwargs)
     cache[node] = out
     return out
-
-
-def _all_known(node: Node, cache: dict) -> bool:
-    return all(cache.get(n) is not None for n in node.all_input_nodes)
 
 
 def _reaches_product(node: object, depth: int = 12) -> bool:
@@ -209,9 +206,17 @@ def _strip_unsqueeze(node: Node) -> tuple[Node, list[Step]]:
     return node, steps
 
 
+def _unsqueezed(shape: tuple[int, ...], steps: list[Step]) -> tuple[int, ...]:
+    out = list(shape)
+    for _op, (dim,) in steps:
+        out.insert(dim % (len(out) + 1), 1)
+    return tuple(out)
+
+
 def _segments(node: Node, steps: list[Step], bh: tuple[int, ...]) -> tuple[Node, Node] | None:
-    """q_seg [B, Nq], k_seg [B, Nk] when `node` is `q_seg[:, :, None] == k_seg[:, None, :]`."""
-    if node.target is not aten.eq.Tensor or len(bh) != 2 or len(node.users) != 1:
+    """q_seg [B, Nq], k_seg [B, Nk] when `node` is `q_seg[:, :, None] == k_seg[:, None, :]` applied as
+    [B, 1, Nq, Nk]."""
+    if node.target is not aten.eq.Tensor or len(bh) != 2 or len(node.users) != 1 or val(node).dim() != 3:
         return None
     a, b = node.args
     if a.target is not aten.unsqueeze.default or b.target is not aten.unsqueeze.default:
@@ -222,7 +227,7 @@ def _segments(node: Node, steps: list[Step], bh: tuple[int, ...]) -> tuple[Node,
     n, m = val(node).shape[-2:]
     if a.args[1] % 3 != 2 or b.args[1] % 3 != 1 or tuple(val(qs).shape) != (bh[0], n):
         return None
-    if tuple(val(ks).shape) != (bh[0], m) or [s[1][0] % (i + 4) for i, s in enumerate(steps)] != [1][: len(steps)]:
+    if tuple(val(ks).shape) != (bh[0], m) or _unsqueezed(tuple(val(node).shape), steps) != (bh[0], 1, n, m):
         return None
     return qs, ks
 
@@ -275,12 +280,13 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
                 out.constants[t.node] = const  # an all-zero bias (T5's cross attention): nothing to add
                 continue
             fill = _bias_as_mask(const)
-            if fill is not None and not t.negate:
+            off = causal_offset(const == 0) if fill is not None and not t.negate else None
+            if off is not None and out.causal in (None, off):
+                # 0 on and below a diagonal, -inf/finfo.min above: the same as causal masking
                 err = _merge_fill(out, fill)
                 if err:
                     return err
-                _add_mask(out, Mask(t.node, True, [(aten.eq.Scalar, (0,))]), True, bh)
-                out.constants.setdefault(t.node, const)
+                out.causal, out.constants[t.node] = off, const
                 continue
             if out.masked_value is not None and out.masked_value != -math.inf:
                 return f"a bias is added after a mask filled with {out.masked_value:g}; only -inf survives that exactly"

@@ -14,7 +14,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.capture import location
 from fxfuse.passes.site import Rejection, Site
-from fxfuse.passes.verify import Comparison, compare, random_like, run_cases, tolerance
+from fxfuse.passes.verify import Comparison, compare, random_like, run_cases, tolerance, without_dropout
 from fxfuse.report import Rewrite
 
 # Pattern family -> "module:function" of its matcher. Families register here and nowhere else.
@@ -94,7 +94,8 @@ def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
         return made
 
     original, fused = extract(gm, site, region)
-    return run_cases(original, fused, make_inputs, rtol)
+    with without_dropout(original, fused):
+        return run_cases(original, fused, make_inputs, rtol)
 
 
 def _fake_mode(gm: GraphModule):
@@ -196,8 +197,11 @@ def check_whole_graph(
     """Run the graph as captured and the rewritten one on (clones of) the real example inputs; in-place
     ops such as batch-norm statistics updates then touch the clones, not the user's buffers."""
     clone = lambda xs: [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in xs]
-    with torch.no_grad():
+    # Same seed on both sides for random ops the rewrites did not touch; dropout off.
+    with torch.no_grad(), without_dropout(original, rewritten), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         want = original(*clone(example_inputs))
+        torch.manual_seed(0)
         got = rewritten(*clone(example_inputs))
     dtypes = [w.dtype for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
     low = any(d in (torch.float16, torch.bfloat16) for d in dtypes)

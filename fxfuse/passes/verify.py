@@ -7,6 +7,7 @@ relative tolerance, with NaN and ±inf exactly where the original has them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -110,3 +111,45 @@ def run_cases(
             return Comparison(False, c.max_rel_err, f"{c.reason} (case {case}, seed {seed})")
         worst = max(worst, c.max_rel_err)
     return Comparison(True, worst)
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+_DROPOUTS = (
+    "torch.nn.functional.dropout", "torch.nn.functional.dropout1d", "torch.nn.functional.dropout2d",
+    "torch.nn.functional.dropout3d", "torch.nn.functional.alpha_dropout",
+    "torch.nn.functional.feature_alpha_dropout", "torch.dropout", "torch.feature_dropout",
+    "torch.alpha_dropout", "aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default",
+)
+
+
+def _is_dropout(target: object) -> bool:
+    name = getattr(target, "__module__", "") + "." + getattr(target, "__name__", "")
+    return str(target) in _DROPOUTS or name in _DROPOUTS
+
+
+@contextlib.contextmanager
+def without_dropout(*modules: torch.fx.GraphModule):
+    """Dropout made the identity (and fused ops' `dropout_p` 0) while comparing: a rewrite is checked on
+    what it computes, not on which random numbers it draws. Restored on exit."""
+    saved = []
+    for gm in modules:
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            if _is_dropout(node.target):
+                saved.append((node, node.target, node.args))
+                node.target = _identity
+            elif str(node.target) == "fxfuse.attention.default" and len(node.args) > 12 and node.args[12]:
+                saved.append((node, node.target, node.args))
+                node.args = (*node.args[:12], 0.0, *node.args[13:])
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for node, target, args in saved:
+            node.target, node.args = target, args
+        for gm in modules:
+            gm.recompile()

@@ -20,6 +20,7 @@ from fxfuse.fusion.attention.reference import (
     attention_reference,
     attention_reference_backward,
     build_keep,
+    compute_dtype,
     reduce_to_shape,
 )
 
@@ -55,7 +56,8 @@ def _chunk_rows(q: Tensor, nk: int) -> int:
 def _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value) -> Tensor:
     nq, nk = q.shape[2], k.shape[2]
     # Half inputs: the reference accumulates in float32 and finfo(float32).min would overflow a half mask.
-    qf, kf, vf = q.float(), k.float(), v.float()
+    acc = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     only_causal = causal and causal_offset == 0 and bias is None and mask is None and q_seg is None
     if only_causal:
         # SDPA's is_causal is top-left aligned (j <= i), i.e. causal_offset == 0; no row is fully masked.
@@ -66,10 +68,10 @@ def _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, maske
         attn_mask = keep
         dead = ~keep.any(-1, keepdim=True)
     else:
-        attn_mask = bias.float() if bias is not None else None
+        attn_mask = bias.to(acc) if bias is not None else None
         if keep is not None:
-            base = attn_mask if attn_mask is not None else torch.zeros((), device=q.device)
-            attn_mask = torch.where(keep, base, torch.tensor(masked_value, device=q.device))
+            base = attn_mask if attn_mask is not None else torch.zeros((), dtype=acc, device=q.device)
+            attn_mask = torch.where(keep, base, torch.tensor(masked_value, dtype=acc, device=q.device))
         dead = None if attn_mask is None else (attn_mask == -math.inf).all(-1, keepdim=True)
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, scale=scale, enable_gqa=True)
     if dead is not None:
@@ -139,17 +141,18 @@ def attention_cpu_backward(
     score_fn: str,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients over query chunks, float32: dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv],
+    """Gradients over query chunks, in float32 (float64 for float64 inputs): dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv],
     and dbias in bias's shape when `bias_grad` (else None)."""
     nq, nk = q.shape[2], k.shape[2]
     step = _chunk_rows(q, nk)
     dqs = []
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    acc = compute_dtype(q.dtype)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     dbias = None
     if bias_grad and bias is not None:
         shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
-        dbias = torch.zeros(shape4, dtype=torch.float32, device=bias.device)
+        dbias = torch.zeros(shape4, dtype=acc, device=bias.device)
     for start in range(0, nq, step):
         stop = min(nq, start + step)
         dq_c, dk_c, dv_c, ds_c = attention_reference_backward(

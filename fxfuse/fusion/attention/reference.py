@@ -63,12 +63,18 @@ def reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     return t
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs (and float32), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _scores(q, k, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value):
-    """Float32 scores [B, Hq, Nq, Nk] after bias and masking, and the keep mask (or None)."""
-    kf = expand_kv(k.float(), q.shape[1])
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    """Scores [B, Hq, Nq, Nk] after bias and masking (compute dtype), and the keep mask (or None)."""
+    acc = compute_dtype(q.dtype)
+    kf = expand_kv(k.to(acc), q.shape[1])
+    s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + bias.float()
+        s = s + bias.to(acc)
     keep = build_keep(mask, q_seg, k_seg, causal, causal_offset, q.shape[2], k.shape[2], q.device)
     if keep is not None:
         # Replaced, not added: this is what masked_fill in user code does, fully-masked rows included.
@@ -102,7 +108,7 @@ def attention_reference(
     p = _probs(s, score_fn)
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
-    out = torch.matmul(p, expand_kv(v.float(), q.shape[1]))
+    out = torch.matmul(p, expand_kv(v.to(p.dtype), q.shape[1]))
     return out.to(q.dtype)
 
 
@@ -121,7 +127,7 @@ def attention_reference_backward(
     masked_value: float,
     score_fn: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `attention_reference` (dropout_p=0) in float32.
+    """Gradients of `attention_reference` (dropout_p=0) in float32 (float64 for float64 inputs).
 
     Returns dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] and dS [B, Hq, Nq, Nk], the
     gradient of the scores before masking (= the gradient of a bias broadcast to that shape).
@@ -130,8 +136,8 @@ def attention_reference_backward(
     hkv = k.shape[1]
     s, keep = _scores(q, k, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value)
     p = _probs(s, score_fn)
-    do = grad_out.float()
-    vf = expand_kv(v.float(), q.shape[1])
+    do = grad_out.to(s.dtype)
+    vf = expand_kv(v.to(s.dtype), q.shape[1])
     dv = reduce_kv(torch.matmul(p.transpose(-1, -2), do), hkv)
     dp = torch.matmul(do, vf.transpose(-1, -2))
     if score_fn == "softmax":
@@ -141,6 +147,6 @@ def attention_reference_backward(
     if keep is not None:
         # Replaced positions do not depend on q, k or bias (also where p is NaN in fully-masked rows).
         ds = ds.masked_fill(~keep, 0.0)
-    dq = torch.matmul(ds, expand_kv(k.float(), q.shape[1])) * scale
-    dk = reduce_kv(torch.matmul(ds.transpose(-1, -2), q.float()) * scale, hkv)
+    dq = torch.matmul(ds, expand_kv(k.to(s.dtype), q.shape[1])) * scale
+    dk = reduce_kv(torch.matmul(ds.transpose(-1, -2), q.to(s.dtype)) * scale, hkv)
     return dq, dk, dv, ds

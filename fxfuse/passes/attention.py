@@ -1,0 +1,226 @@
+"""Softmax attention: one semantic matcher for every spelling, emitting `fxfuse::attention`.
+
+A rule in `ANCHORS` finds a normalization (softmax, a hand-written exp/sum, relu(s)**2); from there the
+matcher walks forward to the value product p @ v and backward through the score terms
+(`attention_scores`) to the score product q @ k^T, reads both products as labelled contractions
+(`attention_layout`), and derives q, k, v in [B, H, N, D], the scale, bias, masks, causality, GQA
+groups and segment ids. Each site is tried twice: specialized (constant masks evaluated, causal and
+varlen recognized) and, when that cannot be applied, generic (masks passed as tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxfuse.passes.attention_emit import build_site
+from fxfuse.passes.attention_layout import Operand, Product, is_number, read_product, val
+from fxfuse.passes.attention_scores import normalize, read_chain
+from fxfuse.passes.site import Rejection, Site
+
+aten = torch.ops.aten
+_PROB_PASSTHROUGH = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.clone.default,
+                     aten.contiguous.default, aten.dropout.default)  # fmt: skip
+
+
+@dataclass
+class Anchor:
+    node: Node  # names the site
+    scores: Node  # the normalization's input
+    probs: Node  # the normalization's output
+    dim: int | None  # normalized axis (None: pointwise, the value product decides)
+    score_fn: str  # "softmax" | "relu2", or a rejection reason
+
+
+def _dim(x: Node, d: int) -> int:
+    return d % val(x).dim()
+
+
+def _anchor_softmax(n: Node) -> Anchor | None:
+    # softmax(s, dim) / _softmax(s, dim, half_to_float) -> softmax over dim
+    if n.target in (aten.softmax.int, aten._softmax.default):
+        return Anchor(n, n.args[0], n, _dim(n.args[0], n.args[1]), "softmax")
+    if n.target is aten._safe_softmax.default:
+        return Anchor(n, n.args[0], n, _dim(n.args[0], n.args[1]), "_safe_softmax gives 0, not NaN, on masked rows")
+    return None
+
+
+def _anchor_exp_normalized(n: Node) -> Anchor | None:
+    # e / e.sum(dim, keepdim=True), e = exp(s - s.amax(dim, keepdim=True)) -> softmax written by hand
+    if n.target is not aten.div.Tensor or not all(isinstance(a, Node) for a in n.args):
+        return None
+    e, total = n.args
+    if e.target is not aten.exp.default or total.target is not aten.sum.dim_IntList or total.args[0] is not e:
+        return None
+    if len(total.args[1]) != 1 or not (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")):
+        return None
+    dim = _dim(e, total.args[1][0])
+    sub = e.args[0]
+    if sub.target is aten.sub.Tensor and isinstance(sub.args[1], Node):
+        x, peak = sub.args
+        if peak.target is aten.amax.default and peak.args[0] is x and [_dim(x, d) for d in peak.args[1]] == [dim]:
+            return Anchor(n, x, n, dim, "softmax")
+        if peak.target.__name__ == "getitem" and peak.args[0].target is aten.max.dim and peak.args[1] == 0:
+            if peak.args[0].args[0] is x and _dim(x, peak.args[0].args[1]) == dim:
+                return Anchor(n, x, n, dim, "softmax")
+    return Anchor(n, sub, n, dim, "exp(s) / sum without subtracting the row max overflows where softmax does not")
+
+
+def _anchor_relu2(n: Node) -> Anchor | None:
+    # relu(s) ** 2, relu(s) * relu(s) -> squared-relu attention (gated attention units)
+    if n.target is aten.pow.Tensor_Scalar and n.args[1] == 2:
+        r = n.args[0]
+    elif n.target is aten.mul.Tensor and n.args[0] is n.args[1]:
+        r = n.args[0]
+    elif n.target is aten.square.default:
+        r = n.args[0]
+    else:
+        return None
+    if not isinstance(r, Node) or r.target is not aten.relu.default:
+        return None
+    return Anchor(n, r.args[0], n, None, "relu2")
+
+
+ANCHORS = (_anchor_softmax, _anchor_exp_normalized, _anchor_relu2)
+
+
+def _value_product(anchor: Anchor) -> tuple[Product, float, bool] | str | None:
+    """(p @ v product, dropout_p, whether p was cast) after the normalization, a reason, or None when
+    nothing attention-like follows (a classifier's softmax)."""
+    p, dropout, cast = anchor.probs, 0.0, False
+    while len(p.users) == 1 and next(iter(p.users)).target in _PROB_PASSTHROUGH:
+        nxt = next(iter(p.users))
+        if nxt.target is aten.dropout.default:
+            train = nxt.args[2] if len(nxt.args) > 2 else nxt.kwargs.get("train", True)
+            dropout = float(nxt.args[1]) if train else dropout
+        else:
+            cast = True
+        p = nxt
+    users = list(p.users)
+    products = [u for u in users if (pr := read_product(u)) is not None and pr.a is p and pr.b is not p]
+    if products and len(users) > 1:
+        other = next(u for u in users if u not in products)
+        return f"the attention probabilities are also used by {other.name} (returned, stored or reduced)"
+    if products:
+        return read_product(products[0]), dropout, cast
+    near = [w for u in users for w in [u, *u.users] if read_product(w) is not None]
+    if near:
+        return f"the probabilities go through {users[0].target} before the value product (a mask or weight after the softmax)"
+    return None
+
+
+def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
+    """The attention site at `anchor`, a Rejection that says why not, or None if it is not attention."""
+    found = _value_product(anchor)
+    if found is None:
+        return None
+    reject = lambda why: Rejection("attention", anchor.score_fn if " " not in anchor.score_fn else "softmax", anchor.node, why)
+    if isinstance(found, str):
+        return reject(found)
+    pv, dropout_p, _ = found
+    if " " in anchor.score_fn:
+        return reject(anchor.score_fn)
+    where, terms = read_chain(anchor.scores)
+    ps = read_product(where)
+    if ps is None:
+        return reject(f"the scores come from {where.target if where.op == 'call_function' else where.name}, not from a q @ k^T product")
+    roles = _roles(anchor, ps, pv)
+    if isinstance(roles, str):
+        return reject(roles)
+    first = None
+    for specialize in (True, False):
+        scores = normalize(terms, specialize, roles.bh)
+        if isinstance(scores, str):
+            first = first or scores
+            continue
+        site = build_site(anchor.node, pv.node, roles, scores, anchor.score_fn, dropout_p, backend)
+        why = _escapes(site)
+        if why is None:
+            return site
+        first = first or why
+    return reject(first)
+
+
+@dataclass
+class Roles:
+    """Every axis named: batch (order of the scores), n, m, d, e; operands before their layout steps."""
+
+    batch: str
+    sizes: dict[str, int]
+    q: Operand
+    k: Operand
+    v: Operand
+    out_labels: str  # the value product's output axes, as roles
+    scores_labels: str  # the score product's output axes, as roles
+
+    @property
+    def bh(self) -> tuple[int, ...]:
+        return tuple(self.sizes[b] for b in self.batch)
+
+
+def _roles(anchor: Anchor, ps: Product, pv: Product) -> Roles | str:
+    contracted = [c for c in pv.a_labels if c in pv.b_labels and c not in pv.out_labels]
+    if len(contracted) != 1 or len(pv.a_labels) != len(ps.out_labels):
+        return "the value product is not p @ v over one key axis"
+    key_axis = pv.a_labels.index(contracted[0])
+    if anchor.dim is not None and anchor.dim != key_axis:
+        return f"the softmax runs over axis {anchor.dim}, but p @ v contracts axis {key_axis} (not the key axis)"
+    m = ps.out_labels[key_axis]
+    dims = [c for c in ps.a_labels if c in ps.b_labels and c not in ps.out_labels]
+    if len(dims) != 1 or (m in ps.a_labels) == (m in ps.b_labels):
+        return "the score product is not q @ k^T over one head dim"
+    (ql, qn), (kl, kn) = ((ps.a_labels, ps.a), (ps.b_labels, ps.b))[:: 1 if m in ps.b_labels else -1]
+    ns = [c for c in ps.out_labels if c in ql and c not in kl and c != m]
+    if len(ns) != 1:
+        return "the score product has no single query axis"
+    batch = "".join(c for c in ps.out_labels if c not in (m, ns[0]))
+    if len(batch) > 2 or any(c not in ql for c in batch) or set(ql) - set(batch + ns[0] + dims[0]):
+        return "the query operand does not fit [batch, heads, N, D]"
+    if set(kl) - set(batch + m + dims[0]):
+        return "the key operand does not fit [batch, heads, N, D]"
+    canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{ns[0]: "n", m: "m", dims[0]: "d"})
+    to_role = {pv.a_labels[i]: canon[c] for i, c in enumerate(ps.out_labels)}
+    extra = [c for c in pv.b_labels if c not in to_role]
+    if len(extra) != 1 or any(c not in pv.b_labels for c in pv.out_labels if c not in to_role):
+        return "the value operand does not fit [batch, heads, N, Dv]"
+    to_role[extra[0]] = "e"
+    out_labels = "".join(to_role.get(c, "?") for c in pv.out_labels)
+    batch_roles = "".join(canon[c] for c in batch)
+    if sorted(out_labels) != sorted(batch_roles + "ne") or "m" not in (vl := "".join(to_role[c] for c in pv.b_labels)):
+        return "the value product's output is not [batch, heads, N, Dv]"
+    sizes = {canon[c]: int(s) for c, s in zip(ps.out_labels, val(ps.node).shape)}
+    sizes["d"] = int(val(qn).shape[ql.index(dims[0])])
+    sizes["e"] = int(val(pv.b).shape[pv.b_labels.index(extra[0])])
+    q = Operand(qn, "".join(canon[c] for c in ql))
+    k = Operand(kn, "".join(canon[c] for c in kl))
+    return Roles(batch_roles, sizes, q, k, Operand(pv.b, vl), out_labels, "".join(canon[c] for c in ps.out_labels))
+
+
+def _escapes(site: Site) -> str | None:
+    """Why the driver would refuse the site's region (an intermediate used outside it), or None."""
+    from fxfuse.passes.rewrite import region_of
+
+    region = region_of(site)
+    return region if isinstance(region, str) else None
+
+
+def find_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:
+    """Every softmax/relu² attention in `gm` (canonicalized ATen graph): a Site, or why it was left alone."""
+    results: list[Site | Rejection] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or val(node) is None:
+            continue
+        for rule in ANCHORS:
+            anchor = rule(node)
+            if anchor is not None:
+                hit = match(anchor, backend)
+                if hit is not None:
+                    results.append(hit)
+                break
+    return results
+
+
+__all__ = ["find_attention", "ANCHORS", "is_number", "math"]
