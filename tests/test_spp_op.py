@@ -37,8 +37,7 @@ def eager_pyramid(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 
 def eager_adaptive(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    wide = x.double()
-    return torch.cat([F.adaptive_max_pool2d(wide, n).flatten(1) for n in sizes], dim=1).to(x.dtype)
+    return sppnet(x.double(), sizes).to(x.dtype)
 
 
 def sppf(x: torch.Tensor) -> torch.Tensor:
@@ -48,16 +47,22 @@ def sppf(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, y1, y2, mp(y2, 5)], dim=1)
 
 
+def sppnet(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    return torch.cat([F.adaptive_max_pool2d(x, n).flatten(1) for n in sizes], dim=1)
+
+
 def spp_parallel(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, mp(x, 5), mp(x, 9), mp(x, 13)], dim=1)
+
+
+def without_nan(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t.isnan(), 0.0, t)
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert torch.equal(actual.isnan(), expected.isnan()), "NaN at different places"
-    assert torch.equal(
-        actual.nan_to_num(0.0, torch.inf, -torch.inf), expected.nan_to_num(0.0, torch.inf, -torch.inf)
-    )
+    assert torch.equal(without_nan(actual), without_nan(expected))
 
 
 def special_values(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -144,7 +149,8 @@ def test_fast_paths_really_run(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == ["spp_same_cpu", "spp_adaptive_cpu", "spp_triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the backward recomputes with ATen whatever ran forward, so the slow interpreted Triton forward adds nothing
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("chained", [False, True], ids=["parallel", "chained"])
 def test_same_backward_routes_ties_like_the_original(backend: str, chained: bool) -> None:
     x = ties(SHAPE)
@@ -177,9 +183,12 @@ def test_adaptive_backward_matches_aten(backend: str) -> None:
     x = ties(SHAPE).requires_grad_()
     sizes = [1, 2, 4]
     grad = torch.randint(-4, 5, (SHAPE[0], SHAPE[1] * 21)).float()
-    expected = torch.autograd.grad(
-        torch.cat([F.adaptive_max_pool2d(x, n).flatten(1) for n in sizes], 1), x, grad
-    )
+    expected = torch.autograd.grad(sppnet(x, sizes), x, grad)
+    fused = torch.autograd.grad(spp(x, sizes, "adaptive", backend=backend), x, grad)
+    assert torch.equal(fused[0], expected[0])
+    # float gradients: the levels' contributions must also be summed in autograd's order, bit for bit
+    grad = torch.randn_like(grad)
+    expected = torch.autograd.grad(sppnet(x, sizes), x, grad)
     fused = torch.autograd.grad(spp(x, sizes, "adaptive", backend=backend), x, grad)
     assert torch.equal(fused[0], expected[0])
 

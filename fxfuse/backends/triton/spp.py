@@ -9,8 +9,8 @@ once and each level written once, with no cat.
 Mode "adaptive": one program per plane loads the whole plane and reduces each bin
 [floor(i * H / n), ceil((i + 1) * H / n)) x [...] with a masked max, as ATen's adaptive_max_pool2d.
 
-NaN: `tl.maximum(..., propagate_nan=ALL)` and an explicit NaN test in the reductions make NaN win, as it
-does in ATen's pooling kernels, on Triton 3.x (compiled, and interpreted under TRITON_INTERPRET=1).
+NaN: an explicit NaN test in every maximum and reduction makes NaN win, as in ATen's pooling kernels, on
+every float dtype and Triton 3.x version (compiled, and interpreted under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -28,10 +28,17 @@ MAX_ADAPTIVE_PLANE = 16384  # [H, W] padded to powers of two must fit one progra
 
 
 @triton.jit
+def _nan_max(a, b):
+    # ATen's pooling rule (b wins if b > a or b is NaN) spelled out, so it holds for every float dtype;
+    # tl.maximum(propagate_nan=ALL) needs a NaN-propagating max instruction, unchecked here for float64
+    return tl.where((b > a) | (b != b), b, a)
+
+
+@triton.jit
 def _take_row(acc, line, radius: tl.constexpr, dx: tl.constexpr, dy: tl.constexpr):
     # `line` spans [-dx, dx]; it belongs to the level of this radius once dx reaches it and dy is inside
     if (radius == dx) & (dy <= radius) & (-dy <= radius):
-        acc = tl.maximum(acc, line, propagate_nan=tl.PropagateNan.ALL)
+        acc = _nan_max(acc, line)
     return acc
 
 
@@ -84,8 +91,8 @@ def _spp_same_kernel(
             right_ok = row_ok & (cols + dx < W)
             left = tl.load(src + row * W + cols - dx, mask=left_ok, other=float("-inf"))
             right = tl.load(src + row * W + cols + dx, mask=right_ok, other=float("-inf"))
-            line = tl.maximum(line, left, propagate_nan=tl.PropagateNan.ALL)
-            line = tl.maximum(line, right, propagate_nan=tl.PropagateNan.ALL)
+            line = _nan_max(line, left)
+            line = _nan_max(line, right)
             acc0 = _take_row(acc0, line, R0, dx, dy)
             acc1 = _take_row(acc1, line, R1, dx, dy)
             acc2 = _take_row(acc2, line, R2, dx, dy)

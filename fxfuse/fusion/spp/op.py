@@ -82,12 +82,19 @@ def _spp_fake(x: torch.Tensor, sizes: Sequence[int], mode: str, chained: bool, b
     return x.new_empty(spp_output_shape(x.shape, sizes, mode))
 
 
-def _pool_backward(grad: torch.Tensor, source: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Gradient of max_pool2d(source, kernel, 1, kernel // 2) w.r.t. source, ties as ATen's autograd."""
-    window, stride, padding, dilation = [kernel] * 2, [1, 1], [kernel // 2] * 2, [1, 1]
-    _, indices = torch.ops.aten.max_pool2d_with_indices(source, window, stride, padding, dilation, False)
+def _pool_with_indices(source: torch.Tensor, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool2d(source, kernel, 1, kernel // 2) and the argmax ATen's autograd would save for it."""
+    return torch.ops.aten.max_pool2d_with_indices(
+        source, [kernel] * 2, [1, 1], [kernel // 2] * 2, [1, 1], False
+    )
+
+
+def _pool_backward(
+    grad: torch.Tensor, source: torch.Tensor, kernel: int, indices: torch.Tensor
+) -> torch.Tensor:
+    """Gradient of max_pool2d(source, kernel, 1, kernel // 2) w.r.t. source, routed through `indices`."""
     return torch.ops.aten.max_pool2d_with_indices_backward(
-        grad, source, window, stride, padding, dilation, False, indices
+        grad, source, [kernel] * 2, [1, 1], [kernel // 2] * 2, [1, 1], False, indices
     )
 
 
@@ -124,21 +131,23 @@ def spp_backward(
     grads = _level_grads(grad, sizes, [channels] * len(sizes))
     if not chained:
         # autograd adds the cat's own slice first, then the pools' gradients, latest-created pool first
-        pools = [_pool_backward(grads[size], x, size) for size in reversed(grads) if size != 1]
+        pools = [
+            _pool_backward(grads[size], x, size, _pool_with_indices(x, size)[1])
+            for size in reversed(grads)
+            if size != 1
+        ]
         return _sum_in_order(([grads[1]] if 1 in grads else []) + pools)
-    # walk the chain from the widest level down: each level's gradient is its own slice plus what flows
-    # back from the next level, accumulated in that order as the original graph's autograd does
-    steps = chain_steps(sizes)
-    sources = [x]
-    for _, kernel in steps[:-1]:
-        pooled, _ = torch.ops.aten.max_pool2d_with_indices(
-            sources[-1], [kernel] * 2, [1, 1], [kernel // 2] * 2, [1, 1], False
-        )
-        sources.append(pooled)
+    # recompute the chain, then walk it from the widest level down: each level's gradient is its own
+    # slice plus what flows back from the next level, summed in that order as the original's autograd does
+    chain, source = [], x
+    for size, kernel in chain_steps(sizes):
+        pooled, indices = _pool_with_indices(source, kernel)
+        chain.append((size, kernel, source, indices))
+        source = pooled
     flowing = None
-    for (size, kernel), source in zip(reversed(steps), reversed(sources), strict=True):
+    for size, kernel, source, indices in reversed(chain):
         level_grad = grads[size] if flowing is None else grads[size] + flowing
-        flowing = _pool_backward(level_grad, source, kernel)
+        flowing = _pool_backward(level_grad, source, kernel, indices)
     parts = [grads[1]] if 1 in grads else []
     return _sum_in_order(parts if flowing is None else [*parts, flowing])
 
