@@ -8,6 +8,7 @@ import torch
 
 import fxfuse.backends.cpu.attention as cpu_attention
 from fxfuse.fusion.attention import attention, attention_backend
+from fxfuse.fusion.attention.reference import dropout_scale
 
 # The Triton interpreter evaluates with numpy: 0/0 in fully-masked rows (NaN on purpose) warns.
 pytestmark = [
@@ -56,12 +57,11 @@ class Case:
     mask: str | None = None  # "dead_rows": random bool mask with some rows all False
     segments: bool = False
     params: dict = field(default_factory=dict)
-    grads: bool = True
 
     def inputs(self, device):
         gen = torch.Generator().manual_seed(1)
 
-        def rand(*shape, heads_dim=1):
+        def rand(*shape):
             if self.transposed:
                 shape = (shape[0], shape[2], shape[1], shape[3])
                 t = torch.randn(shape, generator=gen).to(self.dtype).transpose(1, 2)
@@ -87,11 +87,11 @@ class Case:
         if self.mask == "dead_rows":
             mask = torch.rand(self.b, 1, self.nq, self.nk, generator=gen) > 0.3
             mask[0, 0, 2] = False
-            mask[1, 0, -1] = False
+            mask[-1, 0, -1] = False
             kw["mask"] = mask.to(device)
         if self.segments:
             lens = [(11, 20, self.nq - 31), (self.nq - 9, 9, 0)]
-            seg = torch.cat([torch.repeat_interleave(torch.arange(3), torch.tensor(n)) for n in lens]).view(2, -1)
+            seg = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(n)) for n in lens])
             kw["q_seg"] = seg.to(device)
             kw["k_seg"] = seg.to(device)
         return q, k, v, kw
@@ -102,8 +102,8 @@ CASES = {
     "transposed_layout": Case(transposed=True),
     "causal": Case(nq=45, nk=45, params=dict(causal=True)),
     "causal_offset_cross": Case(nq=20, nk=45, params=dict(causal=True, causal_offset=25)),
-    "causal_neg_offset_finfo_min": Case(nq=33, nk=33, params=dict(causal=True, causal_offset=-3,
-                                                                  masked_value=F32_MIN)),
+    "causal_neg_offset_finfo_min": Case(params=dict(causal=True, causal_offset=-3, masked_value=F32_MIN)),
+    "causal_neg_offset_nan_rows": Case(params=dict(causal=True, causal_offset=-20)),
     "cross_nq_gt_nk": Case(nq=50, nk=19),
     "gqa_4to2": Case(hkv=2, nq=40, nk=33, params=dict(causal=True)),
     "gqa_4to1": Case(hkv=1, nq=33, nk=40),
@@ -150,8 +150,6 @@ def test_forward_backward_match_float64_oracle(name, backend, device):
     assert rel_err(out, want) <= tol
     if case.mask == "dead_rows" and kw.get("masked_value", -math.inf) == -math.inf and "score_fn" not in kw:
         assert out.isnan().any()  # the NaN rows are really there, not vacuously matched
-    if not case.grads:
-        return
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device, out.dtype)
     got = torch.autograd.grad(out, leaves, grad_out)
     ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
@@ -221,11 +219,13 @@ def test_attention_backend_names_the_implementation(backend, params, expected):
     assert name == expected and reason
 
 
-def test_unsupported_triton_case_falls_back_to_reference(device):
+def test_unsupported_triton_cases_fall_back_to_reference(device):
     q, k, v, _ = Case(nq=8, nk=8, d=16).inputs(device)
-    q, k, v = q.double(), k.double(), v.double()
-    out = attention(q, k, v, backend="triton")
-    assert rel_err(out, oracle(q.cpu(), k.cpu(), v.cpu())) <= 1e-12
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    # float64 computes in float64 in the reference: far below float32 rounding.
+    assert rel_err(attention(q64, k64, v64, backend="triton"), oracle(q64, k64, v64)) <= 1e-12
+    mixed = attention(q.half(), k, v, backend="triton")
+    assert mixed.dtype == torch.float16 and rel_err(mixed, oracle(q.half(), k, v)) <= 1e-3
 
 
 def test_bad_inputs_raise_value_errors():
@@ -237,25 +237,43 @@ def test_bad_inputs_raise_value_errors():
         attention(q, q, q, mask=torch.ones(4, 4))
     with pytest.raises(ValueError, match="score_fn"):
         attention(q, q, q, score_fn="sigmoid")
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention(q, q, q, bias=torch.zeros(3, 4, 5))
 
 
-def test_dropout_statistics_and_backward_error():
-    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
-    out = attention(q, k, v, dropout_p=0.5)
+def test_dropout_is_seeded_unbiased_and_differentiable():
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     base = attention(q, k, v)
+    torch.manual_seed(5)
+    out = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(attention(q, k, v, dropout_p=0.5), out)
     assert not torch.equal(out, base)
     # Inverted dropout keeps the expectation: the mean over many outputs moves little.
     assert abs(out.mean() - base.mean()) < 0.1
-    q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        attention(q, k, v, dropout_p=0.5).sum().backward()
+    # The backward replays the forward's mask: compare with autograd through that same mask in float64.
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, ()).item())  # what the op draws first
+    torch.manual_seed(5)
+    got = torch.autograd.grad(attention(*leaves, causal=True, dropout_p=0.5).sum(), leaves)
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    drop = dropout_scale((1, 2, 64, 64), 0.5, seed, torch.device("cpu")).double()
+    s = ref[0] @ ref[1].transpose(-1, -2) / 4.0
+    s = s.masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), -math.inf)
+    want = torch.autograd.grad(((torch.softmax(s, -1) * drop) @ ref[2]).sum(), ref)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
 
 
 def test_opcheck_small_case():
-    q, k, v, kw = Case(b=1, hq=2, hkv=1, nq=5, nk=7, d=8, bias="learned", mask="dead_rows",
+    # Transposed q/k/v: the outputs' layout must not follow the inputs' (the fake impl says contiguous).
+    q, k, v, kw = Case(b=1, hq=2, hkv=1, nq=5, nk=7, d=8, bias="learned", mask="dead_rows", transposed=True,
                        params=dict(masked_value=F32_MIN)).inputs("cpu")  # fmt: skip
     for t in (q, k, v, kw["bias"]):
         t.requires_grad_(True)
+    schema = str(torch.ops.fxfuse.attention.default._schema)
+    assert "float scale, bool causal, int causal_offset, float masked_value, str score_fn" in schema
     args = (q, k, v, kw["bias"], kw["mask"], None, None, 0.3, True, 1, F32_MIN, "softmax", 0.0, "cpu")
     torch.library.opcheck(torch.ops.fxfuse.attention.default, args)
 

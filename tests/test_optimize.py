@@ -189,3 +189,13 @@ def test_cli_explain_prints_report():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 rewrite(s) applied" in out.stdout and "sizes 1/5/9/13, parallel" in out.stdout
+
+
+def test_compile_rest_hands_the_rest_to_inductor():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SPPF(4, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    opt = fxfuse.optimize(model, (x,), compile_rest=True)
+    assert fxfuse.report(opt).count("spp") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-6)

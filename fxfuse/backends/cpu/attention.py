@@ -28,12 +28,10 @@ from fxfuse.fusion.attention.reference import (
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def sdpa_unsupported(score_fn: str, masked_value: float, dropout_p: float) -> str | None:
+def sdpa_unsupported(score_fn: str, masked_value: float) -> str | None:
     """Why SDPA cannot express this case exactly (None when it can)."""
     if score_fn != "softmax":
         return f"score_fn={score_fn!r} is not a softmax"
-    if dropout_p > 0.0:
-        return "dropout runs in the reference (its mask must be replayed in the backward)"
     # SDPA adds its float mask; adding a value this negative to a finite score gives that value back in
     # float32, so adding equals replacing. A milder masked value (e.g. -1e4) would not.
     if not (masked_value == -math.inf or masked_value <= torch.finfo(torch.float32).min / 2):
@@ -92,14 +90,10 @@ def attention_cpu(
     causal_offset: int,
     masked_value: float,
     score_fn: str,
-    dropout_p: float,
 ) -> Tensor:
-    """Forward on CPU tensors: [B, Hq, Nq, D], [B, Hkv, Nk, D], [B, Hkv, Nk, Dv] -> [B, Hq, Nq, Dv]."""
-    if dropout_p > 0.0:
-        return attention_reference(
-            q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn, dropout_p
-        )
-    if sdpa_unsupported(score_fn, masked_value, dropout_p) is None:
+    """Forward on CPU tensors (no dropout): [B, Hq, Nq, D], [B, Hkv, Nk, D], [B, Hkv, Nk, Dv] ->
+    [B, Hq, Nq, Dv]."""
+    if sdpa_unsupported(score_fn, masked_value) is None:
         return _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value)
     nq, nk = q.shape[2], k.shape[2]
     step = _chunk_rows(q, nk)
@@ -141,8 +135,11 @@ def attention_cpu_backward(
     score_fn: str,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients over query chunks, in float32 (float64 for float64 inputs): dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv],
-    and dbias in bias's shape when `bias_grad` (else None)."""
+    """Gradients over query chunks, in float32 (float64 for float64 inputs).
+
+    Returns dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv], and dbias in bias's shape when
+    `bias_grad` (else None).
+    """
     nq, nk = q.shape[2], k.shape[2]
     step = _chunk_rows(q, nk)
     dqs = []
@@ -174,8 +171,9 @@ def attention_cpu_backward(
         dk += dk_c
         dv += dv_c
         if dbias is not None:
-            if dbias.shape[2] != 1:
-                dbias[:, :, start:stop] = reduce_to_shape(ds_c, (*dbias.shape[:2], stop - start, dbias.shape[3]))
+            if dbias.shape[2] != 1:  # bias has a query dim: these rows are its own
+                rows = (*dbias.shape[:2], stop - start, dbias.shape[3])
+                dbias[:, :, start:stop] = reduce_to_shape(ds_c, rows)
             else:
                 dbias += reduce_to_shape(ds_c, dbias.shape)
     dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=2)

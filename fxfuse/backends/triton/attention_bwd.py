@@ -1,11 +1,13 @@
 """Triton backward of `fxfuse::attention`, FlashAttention-2 style.
 
 The op's schema returns only `out`, so the backward reruns the forward kernel to get the row
-statistics (max and 1 / sum), then: a preprocess kernel (delta = rowsum(dO * O)), a dk/dv kernel (one program per key
-block and kv head, looping over the query heads of its GQA group and over query blocks, so the group's
-gradients are summed in registers), and a dq kernel (one program per query block and query head). When
-bias needs a gradient, the dq kernel also writes dS [B, Hq, Nq, Nk] in float32, which is then summed to
-bias's broadcast shape (materialized: simple, and only paid for a learned bias).
+statistics (max and 1 / sum), then runs three kernels:
+- delta = rowsum(dO * O) per query row (softmax only);
+- dk, dv: one program per key block and kv head, looping over the query heads of its GQA group and
+  over query blocks, so the group's gradients are summed in registers;
+- dq: one program per query block and query head. When bias needs a gradient it also writes dS
+  [B, Hq, Nq, Nk] in float32, summed afterwards to bias's broadcast shape (materialized: simple, and
+  only paid for a learned bias).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from fxfuse.backends.triton.attention import (
     attention_triton,
     dot_args,
     flags,
-    mma,
     head_blocks,
     kernel_args,
+    mma,
     score_tile,
 )
 from fxfuse.fusion.attention.reference import reduce_to_shape
@@ -35,7 +37,7 @@ def _attn_bwd_delta(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: b * stride can pass 2**31 elements
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -53,13 +55,13 @@ def _probs_and_ds(
 ):  # fmt: skip
     """(p, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by masked_value."""
     in_m = offs_m < NQ
+    r = tl.maximum(s, 0.0)  # relu2 only; unused (and dropped by the compiler) for softmax
     if SOFTMAX:
         m = tl.load(Stats + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
         inv_l = tl.load(Stats + STATS_SIZE + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
         # Fully -inf rows: m = -inf and 1/l = inf give NaN, as the reference's p does there.
         p = tl.exp(s - m[:, None]) * inv_l[:, None]
     else:
-        r = tl.maximum(s, 0.0)
         p = r * r
     valid = in_m[:, None] & (offs_n[None, :] < NK)
     p = tl.where(valid, p, 0.0)
@@ -87,7 +89,7 @@ def _attn_bwd_dkdv(
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    b = pid_bk // HKV
+    b = (pid_bk // HKV).to(tl.int64)
     hk = pid_bk % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -132,6 +134,14 @@ def _attn_bwd_dkdv(
             )  # fmt: skip
             dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
             dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)
+        if CAUSAL and SKIP_MASKED and SOFTMAX:
+            # The rows skipped above see none of these keys, but one masked everywhere (m = -inf, NaN
+            # output) has p = NaN at every key in the reference, so dv is NaN there too: match it.
+            for start_m in range(0, lo, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m = tl.load(Stats + (b * H + h) * NQ + offs_m, mask=offs_m < lo, other=0.0)
+                dead = tl.sum((m == float("-inf")).to(tl.int32), 0)
+                dv = tl.where(dead > 0, float("nan"), dv)
     dk = dk * scale
     tl.store(
         DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -157,7 +167,7 @@ def _attn_bwd_dq(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: b * stride can pass 2**31 elements
     h = pid_bh % H
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,7 +209,7 @@ def _attn_bwd_dq(
         )  # fmt: skip
         if STORE_DS:
             tl.store(
-                DS + pid_bh * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], ds,
+                DS + pid_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], ds,
                 mask=in_m & (offs_n[None, :] < NK),
             )  # fmt: skip
         dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
@@ -230,9 +240,8 @@ def attention_triton_backward(
     bias's shape (float32) when `bias_grad`, else None."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    out, stats = attention_triton(
-        q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn, store_stats=True
-    )
+    args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
+    out, stats = attention_triton(*args, store_stats=True)
     block_d, block_dv = head_blocks(q, v)
     if triton_interpreting():
         block_m, block_n = 16, 16

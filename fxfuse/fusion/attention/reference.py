@@ -82,6 +82,14 @@ def _scores(q, k, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked
     return s, keep
 
 
+def dropout_scale(shape: tuple[int, ...], dropout_p: float, seed: int, device: torch.device) -> Tensor:
+    """Inverted-dropout multiplier [B, Hq, Nq, Nk] (0 or 1 / (1 - p)), a function of `seed` alone so
+    the backward can replay the forward's mask."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= dropout_p
+    return keep / (1.0 - dropout_p)
+
+
 def _probs(s: Tensor, score_fn: str) -> Tensor:
     if score_fn == "softmax":
         return torch.softmax(s, dim=-1)
@@ -102,12 +110,13 @@ def attention_reference(
     masked_value: float,
     score_fn: str,
     dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> Tensor:
     """Materialized attention in float32: [B, Hq, Nq, D] x [B, Hkv, Nk, D] -> [B, Hq, Nq, Dv] in q's dtype."""
     s, _ = _scores(q, k, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value)
     p = _probs(s, score_fn)
     if dropout_p > 0.0:
-        p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        p = p * dropout_scale(p.shape, dropout_p, dropout_seed, p.device)
     out = torch.matmul(p, expand_kv(v.to(p.dtype), q.shape[1]))
     return out.to(q.dtype)
 
@@ -126,8 +135,10 @@ def attention_reference_backward(
     causal_offset: int,
     masked_value: float,
     score_fn: str,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of `attention_reference` (dropout_p=0) in float32 (float64 for float64 inputs).
+    """Gradients of `attention_reference` in float32 (float64 for float64 inputs).
 
     Returns dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] and dS [B, Hq, Nq, Nk], the
     gradient of the scores before masking (= the gradient of a bias broadcast to that shape).
@@ -138,8 +149,12 @@ def attention_reference_backward(
     p = _probs(s, score_fn)
     do = grad_out.to(s.dtype)
     vf = expand_kv(v.to(s.dtype), q.shape[1])
-    dv = reduce_kv(torch.matmul(p.transpose(-1, -2), do), hkv)
+    drop = dropout_scale(p.shape, dropout_p, dropout_seed, p.device) if dropout_p > 0.0 else None
+    p_used = p if drop is None else p * drop
+    dv = reduce_kv(torch.matmul(p_used.transpose(-1, -2), do), hkv)
     dp = torch.matmul(do, vf.transpose(-1, -2))
+    if drop is not None:
+        dp = dp * drop
     if score_fn == "softmax":
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     else:
