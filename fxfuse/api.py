@@ -28,14 +28,29 @@ class OptimizedModule(nn.Module):
         compiled = torch.compile(model, backend=make_backend(options, self.fxfuse_report), dynamic=False)
         # Not registered as a submodule: it would list every parameter a second time.
         object.__setattr__(self, "_compiled", compiled)
+        self._passthrough = False
 
     def forward(self, *args, **kwargs):
+        if self._passthrough:
+            return self.original(*args, **kwargs)
+        cfg = torch._dynamo.config
+        saved = (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit)
         # Anything dynamo cannot trace runs eagerly (graph break or whole-frame fallback), never fails.
         # Dynamo caches per code object: every optimized instance of one class, every shape and grad
         # mode adds an entry, so its default limit of 8 would silently stop optimizing the ninth.
-        with torch._dynamo.config.patch(suppress_errors=True, recompile_limit=RECOMPILE_LIMIT,
-                                        accumulated_recompile_limit=max(RECOMPILE_LIMIT * 4, 1024)):
-            return self._compiled(*args, **kwargs)
+        # (Plain attribute sets: config.patch costs twice as much on every call.)
+        cfg.suppress_errors, cfg.recompile_limit = True, max(saved[1], RECOMPILE_LIMIT)
+        cfg.accumulated_recompile_limit = max(saved[2], 4 * RECOMPILE_LIMIT)
+        try:
+            out = self._compiled(*args, **kwargs)
+        finally:
+            cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit = saved
+        rep = self.fxfuse_report
+        if rep.graphs and not rep.rewrites and not rep.notes:
+            # Nothing in this model looks like a pattern: later calls skip dynamo's guard checks.
+            self._passthrough = True
+            rep.notes.append("no candidate sites: calls go straight to the original model")
+        return out
 
     def state_dict(self, *args, **kwargs):
         return self.original.state_dict(*args, **kwargs)

@@ -66,12 +66,23 @@ def test_timing_config_needs_five_pairs():
 
 
 def test_paired_ratio_on_sleeps_sees_a_large_deterministic_speedup():
-    # 20 ms vs 2 ms: scheduler jitter is well under a millisecond, so the ratio sits near 10.
-    m = paired_ratio(lambda: time.sleep(0.02), lambda: time.sleep(0.002), TimingConfig(5, 1, 0.001, 1))
+    # 100 ms vs 5 ms: 20x by construction; even a wake-up delayed by 10 ms on a loaded machine leaves > 7x.
+    m = paired_ratio(lambda: time.sleep(0.1), lambda: time.sleep(0.005), TimingConfig(5, 1, 0.001, 1, clock="wall"))
     assert m.pairs == 5 and len(m.ratios) == 5 and m.inner == 1
-    assert 4.0 < m.ratio < 11.0
+    assert 3.0 < m.ratio < 21.0
     assert m.min <= m.q1 <= m.ratio <= m.q3 <= m.max
     assert m.baseline_s > m.optimized_s
+
+
+def test_cpu_clock_ignores_time_spent_waiting():
+    # Busy work 20:1 in CPU time; the sleep added to the fast side is waiting, which the CPU clock skips.
+    def busy(n: int) -> None:
+        sum(range(n))
+
+    m = paired_ratio(
+        lambda: busy(400_000), lambda: (busy(20_000), time.sleep(0.02)), TimingConfig(5, 1, 0.001, 1, clock="cpu")
+    )
+    assert m.ratio > 5.0
 
 
 def sleep_registry(opt_sleep_s: float) -> Registry:
@@ -79,7 +90,7 @@ def sleep_registry(opt_sleep_s: float) -> Registry:
 
     @reg.case("fake/sleep")
     def sleep_case():
-        return (lambda: time.sleep(0.02)), (lambda: time.sleep(opt_sleep_s))
+        return (lambda: time.sleep(0.05)), (lambda: time.sleep(opt_sleep_s))
 
     @reg.case("fake/not-here")
     def missing_case():
@@ -99,10 +110,10 @@ def sleep_registry(opt_sleep_s: float) -> Registry:
 def test_cli_fails_on_a_real_injected_slowdown_and_names_the_case(tmp_path, capsys):
     baseline = tmp_path / "baseline.json"
     out = tmp_path / "results.json"
-    # Measured ~10x, baseline of that run written as the accepted ratio.
+    # 50 ms vs 2 ms: ~25x (> 5x even with 5 ms wake-up delays); that run's q1 becomes the baseline.
     assert (
         main(
-            ["--quick", "--pairs", "5", "--json", str(out), "--write-baseline", str(baseline)],
+            ["--quick", "--clock", "wall", "--pairs", "5", "--json", str(out), "--write-baseline", str(baseline)],
             registry=sleep_registry(0.002),
         )
         == 0
@@ -112,10 +123,16 @@ def test_cli_fails_on_a_real_injected_slowdown_and_names_the_case(tmp_path, caps
     assert {s["name"] for s in results["skipped"]} == {"fake/not-here", "fake/family"}
     assert {"platform", "cpu_count"} <= results["machine"].keys()
     assert {"python", "torch", "triton", "fxfuse"} <= results["versions"].keys()
-    assert load_baseline(baseline)["fake/sleep"] == pytest.approx(results["cases"][0]["q1"], rel=1e-2)
+    first = results["cases"][0]
+    assert load_baseline(baseline)["fake/sleep"] == pytest.approx(min(first["q1"], 0.9 * first["ratio"]), rel=1e-2)
     capsys.readouterr()
-    # The optimized side now sleeps 10 ms instead of 2: ~2x instead of ~10x, far below 85% of the baseline.
-    assert main(["--quick", "--pairs", "5", "--baseline", str(baseline)], registry=sleep_registry(0.01)) == 1
+    # The optimized side now sleeps 25 ms: at most 2x, far below 85% of the baseline.
+    assert (
+        main(
+            ["--quick", "--clock", "wall", "--pairs", "5", "--baseline", str(baseline)], registry=sleep_registry(0.025)
+        )
+        == 1
+    )
     assert "REGRESSION fake/sleep" in capsys.readouterr().out
 
 
@@ -132,15 +149,15 @@ def test_setup_errors_are_reported_and_fail_the_run(capsys):
 
 def test_results_round_trip_as_baseline_and_table(tmp_path):
     reg = sleep_registry(0.002)
-    results = run_suite(reg, quick=True, contains="sleep", config=TimingConfig(5, 1, 0.001, 1))
+    results = run_suite(reg, quick=True, contains="sleep", config=TimingConfig(5, 1, 0.001, 1, clock="wall"))
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     assert set(load_baseline(path)) == {"fake/sleep"}  # a results file serves as a baseline too
     table = render_table(results, {"other": 1.0})
     assert "fake/sleep" in table and "new" in table
     data = write_baseline(results, tmp_path / "b.json")
-    assert data["cases"]["fake/sleep"]["ratio"] <= data["cases"]["fake/sleep"]["median"]
-    assert "lower quartile" in data["how"]
+    assert data["cases"]["fake/sleep"]["ratio"] <= data["cases"]["fake/sleep"]["last_run"]["median"]
+    assert "q1" in data["how"]
 
 
 def test_rewriting_a_baseline_keeps_the_lower_value(tmp_path):

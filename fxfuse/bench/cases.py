@@ -22,14 +22,18 @@ OP_RTOL, MODEL_RTOL = 1e-4, 1e-3
 QUICK_MODELS = {"AttentionHeavy", "yolo_spp", "yolo_sppf", "plain_cnn"}
 
 
+class OutputMismatch(RuntimeError):
+    """The two sides of a case compute different results: an error of the case, never a speedup."""
+
+
 def check_close(baseline: Fn, optimized: Fn, rtol: float) -> None:
-    """Raise SkipCase when the two sides disagree (a broken fused op must not report a speedup)."""
+    """Raise OutputMismatch when the two sides disagree (a broken fused op must not report a speedup)."""
     with torch.no_grad():
         a, b = baseline(), optimized()
     for x, y in zip(_tensors(a), _tensors(b), strict=True):
         err = ((x.float() - y.float()).abs().max() / x.float().abs().max().clamp_min(1e-12)).item()
         if not err <= rtol:
-            raise SkipCase(f"outputs differ (max rel err {err:.1e} > {rtol:.0e}); not timing a wrong result")
+            raise OutputMismatch(f"outputs differ (max rel err {err:.1e} > {rtol:.0e}); not timing a wrong result")
 
 
 def _tensors(out: object) -> list[torch.Tensor]:
@@ -173,9 +177,7 @@ class NoPatternNet(torch.nn.Module):
             torch.nn.Conv2d(channels, channels, 3, padding=1),
             torch.nn.SiLU(),
         )
-        self.head = torch.nn.Sequential(
-            torch.nn.Linear(channels, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 10)
-        )
+        self.head = torch.nn.Sequential(torch.nn.Linear(channels, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.conv(x).mean(dim=(2, 3)))

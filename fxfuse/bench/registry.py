@@ -67,9 +67,7 @@ class Registry:
 
         return register
 
-    def select(
-        self, suite: str, *, quick: bool, contains: str | None = None
-    ) -> Iterator[Case | tuple[str, Exception]]:
+    def select(self, suite: str, *, quick: bool, contains: str | None = None) -> Iterator[Case | tuple[str, Exception]]:
         """Cases of `suite` in order; a family that cannot list its cases gives (label, error) instead."""
         listed: list[Case] = list(self.cases)
         for label, fn in self.families:
@@ -78,6 +76,7 @@ class Registry:
             except Exception as e:  # the runner tells a missing module (skip) from a broken one (error)
                 if contains is None or contains in label:
                     yield label, e
+        listed.sort(key=lambda c: c.group != "op")  # ops first, then models; otherwise registration order
         for c in listed:
             if c.suite != suite or (quick and not c.quick):
                 continue
