@@ -123,7 +123,11 @@ class DETRDecoderBlock(nn.Module):
     def __init__(self, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
         self.heads, self.d = heads, dim // heads
-        self.self_in, self.cross_q, self.cross_kv = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.self_in, self.cross_q, self.cross_kv = (
+            nn.Linear(dim, 3 * dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 2 * dim),
+        )
         self.self_out, self.cross_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
@@ -137,7 +141,9 @@ class DETRDecoderBlock(nn.Module):
         o = torch.bmm(F.softmax(w, dim=-1), self._fold(v))
         return out(o.transpose(0, 1).reshape(q.shape[0], b, -1))
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tgt: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
         b = tgt.shape[1]
         q, k, v = self.self_in(tgt).chunk(3, dim=-1)
         tgt = self.norm1(tgt + self._attend(q + query_pos, k + query_pos, v, self.self_out, b))
@@ -146,7 +152,12 @@ class DETRDecoderBlock(nn.Module):
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:
-        return cls().eval(), (torch.randn(10, 2, 32), torch.randn(49, 2, 32), torch.randn(10, 2, 32), torch.randn(49, 2, 32))
+        return cls().eval(), (
+            torch.randn(10, 2, 32),
+            torch.randn(49, 2, 32),
+            torch.randn(10, 2, 32),
+            torch.randn(49, 2, 32),
+        )
 
 
 class ViTEinsumBlock(nn.Module):
@@ -242,3 +253,25 @@ MODELS = (
     GAUBlock,
     AttentionHeavy,
 )
+
+
+# Demo- and benchmark-sized factories (the classes' own `make()` are test-sized).
+def make_attention_heavy() -> tuple[nn.Module, tuple]:
+    """Two causal pre-norm layers, [1, 1024, 128]."""
+    torch.manual_seed(0)
+    return AttentionHeavy.make()
+
+
+def make_padded_mha() -> tuple[nn.Module, tuple]:
+    """BERT-style self-attention with a key-padding mask, [2, 512, 256], 4 heads."""
+    torch.manual_seed(0)
+    model = HandMHA(dim=256, heads=4).eval()
+    mask = torch.ones(2, 512, dtype=torch.long)
+    mask[1, 384:] = 0
+    return model, (torch.randn(2, 512, 256), mask)
+
+
+def make_gqa_decoder() -> tuple[nn.Module, tuple]:
+    """Llama-style grouped-query attention block, 8 query heads sharing 2 kv heads, [1, 1024, 256]."""
+    torch.manual_seed(0)
+    return GQABlock(dim=256, heads=8, kv_heads=2).eval(), (torch.randn(1, 1024, 256),)

@@ -14,25 +14,31 @@ DEMO_FACTORIES = (
     "examples.spp_models:make_yolo_sppf",
     "examples.spp_models:make_sppnet",
     "examples.attention_models:make_attention_heavy",
-    "examples.attention_models:make_gpt_block",
+    "examples.attention_models:make_padded_mha",
+    "examples.attention_models:make_gqa_decoder",
     "examples.spp_models:make_plain_cnn",
 )
 
 
 def load_factory(spec: str) -> Callable:
-    """`package.module:function` -> the function; the current directory is importable, as with `python -m`."""
+    """`package.module:function` (or `module:Class.make`) -> the callable; the current directory is
+    importable, as with `python -m`."""
     if ":" not in spec:
         raise SystemExit(f"expected MODULE:FACTORY (e.g. examples.spp_models:make_yolo_spp), got {spec!r}")
-    module_name, func = spec.split(":", 1)
+    module_name, attr = spec.split(":", 1)
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
-        module = importlib.import_module(module_name)
+        target = importlib.import_module(module_name)
     except ImportError as exc:
         raise SystemExit(f"cannot import {module_name!r}: {exc}") from exc
-    if not hasattr(module, func):
-        raise SystemExit(f"{module_name} has no {func!r}")
-    return getattr(module, func)
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise SystemExit(f"{module_name} has no {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise SystemExit(f"{spec} is not callable")
+    return target
 
 
 def build(spec: str) -> tuple[torch.nn.Module, tuple]:
@@ -64,10 +70,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import fxfuse
     from fxfuse.bench.measure import QUICK, paired_ratio
     from fxfuse.passes.verify import compare
 
+    # As `fxfuse bench` does: one torch thread and process CPU time, so other load on a shared machine
+    # does not decide the ratio.
+    config = dataclasses.replace(QUICK, clock="cpu")
+    torch.set_num_threads(1)
     rows = []
     for spec in args.factories or DEMO_FACTORIES:
         try:
@@ -75,15 +87,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except SystemExit as exc:
             print(f"skipping {spec}: {exc}")
             continue
-        name = spec.split(":")[1].removeprefix("make_")
+        name = spec.split(":")[1].removeprefix("make_").removesuffix(".make")
         print(f"\n=== {name} ({type(model).__name__})")
         opt = fxfuse.optimize(model, inputs)
         print(fxfuse.report(opt))
         with torch.no_grad():
             err = compare(opt(*inputs), model(*inputs), 1e-4)
-            m = paired_ratio(lambda m=model, x=inputs: m(*x), lambda o=opt, x=inputs: o(*x), QUICK)
+            m = paired_ratio(lambda m=model, x=inputs: m(*x), lambda o=opt, x=inputs: o(*x), config)
         rows.append((name, fxfuse.report(opt).count(), m.ratio, m.q1, m.q3, err.max_rel_err))
-    print("\nSpeedup (eager time / optimized time; paired, median of", QUICK.pairs, "pairs, this machine):")
+    print(f"\nSpeedup (eager / optimized CPU time, 1 thread; paired, median of {config.pairs} pairs, this machine):")
     print(f"{'model':<22}{'rewrites':>9}{'speedup':>9}{'  q1..q3':<15}{'max rel err':>12}")
     for name, n, ratio, q1, q3, err in rows:
         print(f"{name:<22}{n:>9}{ratio:>8.2f}x  {q1:.2f}..{q3:.2f}   {err:>10.1e}")

@@ -36,10 +36,23 @@ class Report:
     verified: bool = True
 
     def count(self, pattern: str | None = None) -> int:
-        """Applied rewrites of `pattern` (all patterns when None)."""
+        """Sites of `pattern` (all patterns when None) with an applied rewrite.
+
+        A site is counted once however often it was captured: dynamo captures the same code again for a
+        new shape, dtype or grad mode, and each capture reports its rewrites (see `rewrites[i].graph`)."""
         if pattern is not None and pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
-        return sum(r.status == "applied" and (pattern is None or r.pattern == pattern) for r in self.rewrites)
+        return len({key for key, r in self._keyed() if r.status == "applied" and pattern in (None, r.pattern)})
+
+    def _keyed(self) -> list[tuple[tuple, Rewrite]]:
+        """(site key, rewrite): the key is the location plus the occurrence number at that location within
+        its graph, so a module called twice in one forward is two sites, a re-capture is the same ones."""
+        seen: dict[tuple, int] = {}
+        keyed = []
+        for r in self.rewrites:
+            n = seen[(r.graph, r.pattern, r.location)] = seen.get((r.graph, r.pattern, r.location), -1) + 1
+            keyed.append(((r.pattern, r.location, n), r))
+        return keyed
 
     def rejected(self, pattern: str | None = None) -> list[Rewrite]:
         return [r for r in self.rewrites if r.status == "rejected" and (pattern is None or r.pattern == pattern)]

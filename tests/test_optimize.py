@@ -64,7 +64,20 @@ def test_lazy_capture_and_recapture_on_new_shape_and_dtype():
             model.double()
         with torch.no_grad():
             assert torch.equal(opt(x), model(x))
-    assert fxfuse.report(opt).graphs == 3 and fxfuse.report(opt).count("spp") == 3
+    rep = fxfuse.report(opt)
+    assert rep.graphs == 3 and [r.status for r in rep.rewrites] == ["applied"] * 3
+    assert rep.count("spp") == 1  # one site, captured three times
+
+
+def test_count_is_per_site_not_per_capture():
+    model = nn.Sequential(SPPF(4, 4), SPPF(4, 4)).eval()
+    x = torch.randn(1, 4, 8, 8)
+    opt = fxfuse.optimize(model, (x,))
+    with torch.no_grad():  # grad mode changed: dynamo captures again
+        opt(x)
+    rep = fxfuse.report(opt)
+    assert rep.graphs == 2 and len(rep.rewrites) == 4
+    assert rep.count("spp") == 2 and rep.count() == 2
 
 
 def test_nan_and_inf_inputs_match_original_positions():

@@ -54,7 +54,9 @@ def _same_levels(x, sizes: Sequence[int]) -> list:
     levels = {1: x}
     previous = x
     for size, kernel in chain_steps(sizes):
-        previous, _ = op.MaxPool(previous, kernel_shape=[kernel, kernel], strides=[1, 1], pads=[kernel // 2] * 4)
+        previous, _ = op.MaxPool(
+            previous, kernel_shape=[kernel, kernel], strides=[1, 1], pads=[kernel // 2] * 4
+        )
         levels[size] = previous
     return [levels[size] for size in sizes]
 

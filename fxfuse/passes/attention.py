@@ -10,15 +10,15 @@ varlen recognized) and, when that cannot be applied, generic (masks passed as te
 
 from __future__ import annotations
 
-import math
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_emit import build_site
-from fxfuse.passes.attention_layout import Operand, Product, is_number, read_product, val
-from fxfuse.passes.attention_scores import normalize, read_chain
+from fxfuse.passes.attention_layout import Operand, Product, read_product, val
+from fxfuse.passes.attention_scores import BATCH_VIEWS, CHAIN_OPS, normalize, read_chain, same_rows
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -31,12 +31,14 @@ class Anchor:
     node: Node  # names the site
     scores: Node  # the normalization's input
     probs: Node  # the normalization's output
-    dim: int | None  # normalized axis (None: pointwise, the value product decides)
-    score_fn: str  # "softmax" | "relu2", or a rejection reason
+    dim: int | None  # normalized axis counted from the end, -1 = last (None: the value product decides)
+    score_fn: str  # "softmax" | "relu2"
+    problem: str | None = None  # why this normalization cannot be fused, if it is attention
 
 
 def _dim(x: Node, d: int) -> int:
-    return d % val(x).dim()
+    rank = val(x).dim()
+    return d % rank - rank
 
 
 def _anchor_softmax(n: Node) -> Anchor | None:
@@ -44,7 +46,8 @@ def _anchor_softmax(n: Node) -> Anchor | None:
     if n.target in (aten.softmax.int, aten._softmax.default):
         return Anchor(n, n.args[0], n, _dim(n.args[0], n.args[1]), "softmax")
     if n.target is aten._safe_softmax.default:
-        return Anchor(n, n.args[0], n, _dim(n.args[0], n.args[1]), "_safe_softmax gives 0, not NaN, on masked rows")
+        why = "_safe_softmax gives 0, not NaN, on fully masked rows"
+        return Anchor(n, n.args[0], n, _dim(n.args[0], n.args[1]), "softmax", why)
     return None
 
 
@@ -55,7 +58,7 @@ def _anchor_exp_normalized(n: Node) -> Anchor | None:
     e, total = n.args
     if e.target is not aten.exp.default or total.target is not aten.sum.dim_IntList or total.args[0] is not e:
         return None
-    if len(total.args[1]) != 1 or not (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")):
+    if len(total.args[1] or ()) != 1 or not (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")):
         return None
     dim = _dim(e, total.args[1][0])
     sub = e.args[0]
@@ -63,10 +66,11 @@ def _anchor_exp_normalized(n: Node) -> Anchor | None:
         x, peak = sub.args
         if peak.target is aten.amax.default and peak.args[0] is x and [_dim(x, d) for d in peak.args[1]] == [dim]:
             return Anchor(n, x, n, dim, "softmax")
-        if peak.target.__name__ == "getitem" and peak.args[0].target is aten.max.dim and peak.args[1] == 0:
-            if peak.args[0].args[0] is x and _dim(x, peak.args[0].args[1]) == dim:
-                return Anchor(n, x, n, dim, "softmax")
-    return Anchor(n, sub, n, dim, "exp(s) / sum without subtracting the row max overflows where softmax does not")
+        top = peak.args[0] if peak.target is operator.getitem and peak.args[1] == 0 else None  # x.max(dim).values
+        if top is not None and top.target is aten.max.dim and top.args[0] is x and _dim(x, top.args[1]) == dim:
+            return Anchor(n, x, n, dim, "softmax")
+    why = "exp(s) / sum without subtracting the row max overflows where softmax does not"
+    return Anchor(n, sub, n, dim, "softmax", why)
 
 
 def _anchor_relu2(n: Node) -> Anchor | None:
@@ -87,28 +91,31 @@ def _anchor_relu2(n: Node) -> Anchor | None:
 ANCHORS = (_anchor_softmax, _anchor_exp_normalized, _anchor_relu2)
 
 
-def _value_product(anchor: Anchor) -> tuple[Product, float, bool] | str | None:
-    """(p @ v product, dropout_p, whether p was cast) after the normalization, a reason, or None when
-    nothing attention-like follows (a classifier's softmax)."""
-    p, dropout, cast = anchor.probs, 0.0, False
-    while len(p.users) == 1 and next(iter(p.users)).target in _PROB_PASSTHROUGH:
+def _value_product(anchor: Anchor) -> tuple[Product, float] | str | None:
+    """(p @ v product, dropout_p) after the normalization, a reason, or None when nothing attention-like
+    follows (a classifier's softmax). Casts and dropout may sit in between."""
+    p, dropout = anchor.probs, 0.0
+    while len(p.users) == 1:
         nxt = next(iter(p.users))
+        if nxt.target not in _PROB_PASSTHROUGH and not (nxt.target in BATCH_VIEWS and same_rows(nxt, p)):
+            break
         if nxt.target is aten.dropout.default:
             train = nxt.args[2] if len(nxt.args) > 2 else nxt.kwargs.get("train", True)
             dropout = float(nxt.args[1]) if train else dropout
-        else:
-            cast = True
         p = nxt
     users = list(p.users)
-    products = [u for u in users if (pr := read_product(u)) is not None and pr.a is p and pr.b is not p]
+    products = [u for u in users if (pr := read_product(u)) and pr.a is p and pr.b is not p and pr.bias is None]
     if products and len(users) > 1:
         other = next(u for u in users if u not in products)
         return f"the attention probabilities are also used by {other.name} (returned, stored or reduced)"
     if products:
-        return read_product(products[0]), dropout, cast
-    near = [w for u in users for w in [u, *u.users] if read_product(w) is not None]
+        return read_product(products[0]), dropout
+    if any(read_product(u) is not None for u in users):
+        return "the probabilities are the right operand of the value product (only p @ v is supported)"
+    near = [w for u in users for w in u.users if read_product(w) is not None]
     if near:
-        return f"the probabilities go through {users[0].target} before the value product (a mask or weight after the softmax)"
+        why = "a mask, weight or transpose after the softmax"
+        return f"the probabilities go through {users[0].target} before the value product ({why})"
     return None
 
 
@@ -117,16 +124,16 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
     found = _value_product(anchor)
     if found is None:
         return None
-    reject = lambda why: Rejection("attention", anchor.score_fn if " " not in anchor.score_fn else "softmax", anchor.node, why)
+    reject = lambda why: Rejection("attention", anchor.score_fn, anchor.node, why)
     if isinstance(found, str):
         return reject(found)
-    pv, dropout_p, _ = found
-    if " " in anchor.score_fn:
-        return reject(anchor.score_fn)
+    pv, dropout_p = found
+    if anchor.problem:
+        return reject(anchor.problem)
     where, terms = read_chain(anchor.scores)
     ps = read_product(where)
     if ps is None:
-        return reject(f"the scores come from {where.target if where.op == 'call_function' else where.name}, not from a q @ k^T product")
+        return reject(_blocker(where))
     roles = _roles(anchor, ps, pv)
     if isinstance(roles, str):
         return reject(roles)
@@ -137,11 +144,35 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
             first = first or scores
             continue
         site = build_site(anchor.node, pv.node, roles, scores, anchor.score_fn, dropout_p, backend)
-        why = _escapes(site)
+        why = site if isinstance(site, str) else _escapes(site)
         if why is None:
             return site
         first = first or why
     return reject(first)
+
+
+def _blocker(where: Node) -> str:
+    """Why the walk from the softmax down to q @ k^T stopped at `where`: the first op on the way to a
+    product that no score rule reads (soft-capping's tanh, a gather, ...)."""
+    if where.op != "call_function":
+        return f"the scores come from {where.name}, not from a q @ k^T product"
+    if sum(read_product(a) is not None for a in where.all_input_nodes) > 1:
+        return f"the scores combine two products through {where.target}: ambiguous which one is q @ k^T"
+    parent, queue = {where: None}, [where]
+    while queue and len(parent) < 64:
+        node = queue.pop(0)
+        if read_product(node) is not None:
+            path = []
+            while node is not None:
+                path.append(node)
+                node = parent[node]
+            odd = [n for n in reversed(path[1:]) if n.target not in CHAIN_OPS]
+            culprit = odd[0].target if odd else where.target
+            return f"the scores go through {culprit} on the way to q @ k^T; the fused op cannot express that"
+        for a in node.all_input_nodes:
+            if a not in parent and a.op == "call_function":
+                parent[a], queue = node, [*queue, a]
+    return f"the scores come from {where.target}, not from a q @ k^T product"
 
 
 @dataclass
@@ -163,9 +194,11 @@ class Roles:
 
 def _roles(anchor: Anchor, ps: Product, pv: Product) -> Roles | str:
     contracted = [c for c in pv.a_labels if c in pv.b_labels and c not in pv.out_labels]
-    if len(contracted) != 1 or len(pv.a_labels) != len(ps.out_labels):
+    if len(contracted) != 1:
         return "the value product is not p @ v over one key axis"
-    key_axis = pv.a_labels.index(contracted[0])
+    if val(pv.a).shape != val(ps.node).shape:
+        return "the probabilities reach p @ v in another layout than the scores had"
+    key_axis = pv.a_labels.index(contracted[0]) - len(pv.a_labels)
     if anchor.dim is not None and anchor.dim != key_axis:
         return f"the softmax runs over axis {anchor.dim}, but p @ v contracts axis {key_axis} (not the key axis)"
     m = ps.out_labels[key_axis]
@@ -216,11 +249,11 @@ def find_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Reject
         for rule in ANCHORS:
             anchor = rule(node)
             if anchor is not None:
-                hit = match(anchor, backend)
+                try:
+                    hit = match(anchor, backend)
+                except Exception as exc:  # one odd site must not cost the model its other sites
+                    hit = Rejection("attention", anchor.score_fn, node, f"matcher error ({type(exc).__name__}: {exc})")
                 if hit is not None:
                     results.append(hit)
                 break
     return results
-
-
-__all__ = ["find_attention", "ANCHORS", "is_number", "math"]

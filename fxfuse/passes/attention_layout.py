@@ -11,7 +11,6 @@ scalar scales on q or k, and the repetition of kv heads (GQA/MQA).
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -41,6 +40,8 @@ class Product:
     a_labels: str
     b_labels: str
     out_labels: str
+    bias: Node | None = None  # baddbmm's added tensor (nn.MultiheadAttention's mask, BLOOM's ALiBi)
+    alpha: float = 1.0  # baddbmm's scale of the product
 
 
 def read_product(node: Node) -> Product | None:
@@ -56,6 +57,12 @@ def read_product(node: Node) -> Product | None:
         la = batch[nb - (val(a).dim() - 2) :] + "xy"
         lb = batch[nb - (val(b).dim() - 2) :] + "yz"
         return Product(node, a, b, la, lb, batch + "xz")
+    if node.target is aten.baddbmm.default and len(node.args) == 3:
+        bias, a, b = node.args
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if beta == 1 and is_number(alpha) and val(a) is not None and val(b) is not None:
+            return Product(node, a, b, "Axy", "Ayz", "Axz", bias, float(alpha))
+        return None
     if node.target is aten.einsum.default and len(node.args[1]) == 2:
         eq = node.args[0].replace(" ", "")
         if "..." in eq or "->" not in eq:
@@ -186,9 +193,9 @@ def layout_steps(op: Operand, target: str, sizes: dict[str, int], lead: int, kee
         if lab not in op.labels:
             steps.append((aten.unsqueeze.default, (pos,)))
             dims[lab] = 1
-    full = [dims[lab] if (dims[lab] == sizes[lab] or lab == keep_heads) else sizes[lab] for lab in target]
-    if full != [dims[lab] for lab in target]:
-        steps.append((aten.expand.default, (full,)))
+    grow = [lab for lab in target if dims[lab] != sizes[lab] and lab != keep_heads]
+    if grow:  # broadcast axes made explicit; -1 keeps the others (symbolic under torch.export)
+        steps.append((aten.expand.default, ([sizes[lab] if lab in grow else -1 for lab in target],)))
     steps += [(aten.unsqueeze.default, (0,))] * lead
     return steps
 
@@ -201,12 +208,3 @@ def apply_steps(graph: Graph, x: Node, steps: list[Step]) -> Node:
 
 def is_number(x: object) -> bool:
     return isinstance(x, numbers.Number) and not isinstance(x, bool)
-
-
-def fmt_scale(scale: float) -> str:
-    """0.125 -> "0.125", 1/sqrt(8) -> "1/sqrt(8)" when that is what it is."""
-    if scale > 0:
-        inv2 = 1.0 / (scale * scale)
-        if abs(inv2 - round(inv2)) < 1e-6 * inv2 and round(inv2) > 1 and not math.isclose(1 / scale, round(1 / scale)):
-            return f"1/sqrt({round(inv2)})"
-    return f"{scale:.4g}"

@@ -29,11 +29,13 @@ _CONST_LIMIT = 1 << 24  # elements: constants larger than this are not evaluated
 
 @dataclass
 class Term:
-    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast"
+    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast" | "view" (the last two change nothing)
     node: Node | None = None
     value: float = 1.0  # scale factor, or a mask's fill value
     keep: bool = True  # mask polarity: True where the node is True on attended positions
     negate: bool = False  # a bias that is subtracted / a temperature that divides
+    batch: tuple[int, ...] = ()  # the scores' leading dims where the term applies (views may regroup them)
+    const: Node | None = None  # the 0-d constant tensor that held `value`, if not a Python number
 
 
 def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None:
@@ -51,7 +53,8 @@ def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None
         v = val(node)
         seeded = torch.Tag.nondeterministic_seeded in node.target.tags
         small = v is not None and v.numel() <= _CONST_LIMIT
-        if small and not seeded and not node.target._schema.is_mutable:
+        writes = node.target._schema.is_mutable and node.target is not aten.detach_.default  # detach_ keeps values
+        if small and not seeded and not writes:
             if all(constant_value(n, cache) is not None for n in node.all_input_nodes):
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), cache.__getitem__)
                 with torch.no_grad():
@@ -60,14 +63,19 @@ def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None
     return out
 
 
-def _reaches_product(node: object, depth: int = 12) -> bool:
-    if not isinstance(node, Node) or depth == 0:
-        return False
-    if read_product(node) is not None:
-        return True
-    if node.op != "call_function" or node.target not in _CHAIN_OPS:
-        return False
-    return any(_reaches_product(a, depth - 1) for a in node.all_input_nodes)
+def _reaches_product(node: object, budget: int = 64) -> bool:
+    """Whether `node` is computed from a product through score-chain ops only (bounded search)."""
+    stack, seen = [node], set()
+    while stack and len(seen) < budget:
+        n = stack.pop()
+        if not isinstance(n, Node) or n in seen:
+            continue
+        seen.add(n)
+        if read_product(n) is not None:
+            return True
+        if n.op == "call_function" and n.target in CHAIN_OPS:
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def _chain_arg(*candidates: object) -> Node | None:
@@ -83,6 +91,10 @@ def _fill(x: object) -> float | None:
     return float(c) if c is not None and c.numel() == 1 else None
 
 
+def _node(x: object) -> Node | None:
+    return x if isinstance(x, Node) else None
+
+
 def _rule_scale(n: Node) -> tuple[Node, Term] | None:
     # s * c, c * s, s / c -> scale; s * t, s / t with a tensor t -> temperature (checked later)
     if n.target not in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
@@ -94,7 +106,7 @@ def _rule_scale(n: Node) -> tuple[Node, Term] | None:
     divides = n.target in (aten.div.Tensor, aten.div.Scalar)
     c = _fill(other)
     if c is not None:
-        return x, Term("scale", value=1.0 / c if divides else c)
+        return x, Term("scale", value=1.0 / c if divides else c, const=_node(other))
     return x, Term("temperature", node=other, negate=divides)
 
 
@@ -114,7 +126,7 @@ def _rule_masked_fill(n: Node) -> tuple[Node, Term] | None:
     if n.target not in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         return None
     v = _fill(n.args[2])
-    return None if v is None else (n.args[0], Term("mask", node=n.args[1], value=v, keep=False))
+    return None if v is None else (n.args[0], Term("mask", node=n.args[1], value=v, keep=False, const=_node(n.args[2])))
 
 
 def _rule_where(n: Node) -> tuple[Node, Term] | None:
@@ -123,8 +135,9 @@ def _rule_where(n: Node) -> tuple[Node, Term] | None:
         return None
     cond, a, b = n.args
     x = _chain_arg(a, b)
-    v = _fill(b if x is a else a)
-    return None if x is None or v is None else (x, Term("mask", node=cond, value=v, keep=x is a))
+    other = b if x is a else a
+    v = _fill(other)
+    return None if x is None or v is None else (x, Term("mask", node=cond, value=v, keep=x is a, const=_node(other)))
 
 
 def _rule_cast(n: Node) -> tuple[Node, Term] | None:
@@ -134,11 +147,28 @@ def _rule_cast(n: Node) -> tuple[Node, Term] | None:
     return n.args[0], Term("cast")
 
 
-CHAIN_RULES = (_rule_scale, _rule_bias, _rule_masked_fill, _rule_where, _rule_cast)
-_CHAIN_OPS = {
+def _rule_batch_view(n: Node) -> tuple[Node, Term] | None:
+    # s.view(B, H, N, M) of s [B*H, N, M] (BLOOM) -> nothing: only the leading dims are regrouped
+    if n.target not in BATCH_VIEWS or not isinstance(n.args[0], Node) or not same_rows(n, n.args[0]):
+        return None
+    return n.args[0], Term("view")
+
+
+CHAIN_RULES = (_rule_scale, _rule_bias, _rule_masked_fill, _rule_where, _rule_cast, _rule_batch_view)
+BATCH_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def same_rows(a: Node, b: Node) -> bool:
+    """Whether a and b have the same last two dims (and rank >= 2): a view between them only regroups
+    the leading (batch) dims, keeping every [N, M] score matrix intact."""
+    va, vb = val(a), val(b)
+    return va is not None and vb is not None and va.dim() >= 2 and vb.dim() >= 2 and va.shape[-2:] == vb.shape[-2:]
+
+
+CHAIN_OPS = {
     aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarOther,
-    aten.where.ScalarSelf, *_CASTS,
+    aten.where.ScalarSelf, *_CASTS, *BATCH_VIEWS,
 }  # fmt: skip
 
 
@@ -150,11 +180,18 @@ def read_chain(scores: Node) -> tuple[Node, list[Term]]:
         for rule in CHAIN_RULES:
             hit = rule(node)
             if hit is not None:
-                node, term = hit
+                term = hit[1]
+                term.batch = tuple(int(d) for d in val(node).shape[:-2])
+                node = hit[0]
                 terms.append(term)
                 break
         else:
             break
+    product = read_product(node)
+    if product is not None and product.bias is not None:
+        # baddbmm(bias, q, k^T, alpha=a): a * (q @ k^T) + bias
+        batch = tuple(int(d) for d in val(node).shape[:-2])
+        terms += [Term("bias", node=product.bias, batch=batch), Term("scale", value=product.alpha, batch=batch)]
     return node, terms[::-1]
 
 
@@ -165,6 +202,7 @@ class Mask:
     node: Node
     keep: bool
     steps: list[Step] = field(default_factory=list)
+    batch: tuple[int, ...] = ()  # the scores' leading dims where it applies
 
 
 @dataclass
@@ -173,13 +211,13 @@ class Scores:
 
     scale: float = 1.0
     temperatures: list[Term] = field(default_factory=list)
-    biases: list[tuple[Node, float]] = field(default_factory=list)  # (bias, multiplier)
+    biases: list[tuple[Node, float, tuple[int, ...]]] = field(default_factory=list)  # (bias, multiplier, batch)
     masks: list[Mask] = field(default_factory=list)
+    mask_biases: list[tuple[Mask, float]] = field(default_factory=list)  # added as where(keep, 0, fill)
     masked_value: float | None = None
     causal: int | None = None  # causal_offset when proven causal
     seg: tuple[Node, Node] | None = None
     constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
-    casts: bool = False
 
 
 def causal_offset(keep: torch.Tensor) -> int | None:
@@ -236,7 +274,7 @@ def _add_mask(out: Scores, mask: Mask, specialize: bool, bh: tuple[int, ...]) ->
     """Classify one boolean mask: constant (maybe causal), a conjunction, segment ids, or opaque."""
     node = mask.node
     if specialize and not mask.keep and node.target in _NOTS and len(node.users) == 1:
-        mask = Mask(node.args[0], True, mask.steps)
+        mask = Mask(node.args[0], True, mask.steps, mask.batch)
         node = mask.node
     const = constant_value(node) if specialize else None
     if const is not None:
@@ -250,9 +288,10 @@ def _add_mask(out: Scores, mask: Mask, specialize: bool, bh: tuple[int, ...]) ->
         inner, steps = _strip_unsqueeze(node)
         if inner.target in _ANDS and val(inner).dtype == torch.bool and len(inner.users) == 1:
             for part in inner.args:
-                _add_mask(out, Mask(part, True, steps + mask.steps), specialize, bh)
+                lift = [(aten.unsqueeze.default, (0,))] * (val(inner).dim() - val(part).dim())
+                _add_mask(out, Mask(part, True, lift + steps + mask.steps, mask.batch), specialize, bh)
             return
-        seg = _segments(inner, steps + mask.steps, bh)
+        seg = _segments(inner, steps + mask.steps, bh) if mask.batch == bh else None
         if seg is not None and out.seg is None:
             out.seg = seg
             return
@@ -263,11 +302,12 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
     """Fold the terms (inner to outer) into the fused op's order, or say why that is not exact."""
     out = Scores()
     for t in terms:
-        if t.kind == "cast":
-            out.casts = True
-        elif t.kind == "scale":
+        if t.const is not None:
+            out.constants[t.const] = constant_value(t.const)  # read at match time: an input, not region
+        if t.kind == "scale":
             out.scale *= t.value
-            out.biases = [(b, m * t.value) for b, m in out.biases]
+            out.biases = [(b, m * t.value, batch) for b, m, batch in out.biases]
+            out.mask_biases = [(m, fill * t.value) for m, fill in out.mask_biases]
             if out.masked_value is not None:
                 out.masked_value *= t.value
         elif t.kind == "temperature":
@@ -280,7 +320,11 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
                 out.constants[t.node] = const  # an all-zero bias (T5's cross attention): nothing to add
                 continue
             fill = _bias_as_mask(const)
-            off = causal_offset(const == 0) if fill is not None and not t.negate else None
+            # s + finfo.min == finfo.min only while s is finite and small: not after another bias, and a
+            # position masked before gets min + min = -inf here (replacing would give it min)
+            alone = not out.biases and out.masked_value is None
+            exact = fill is not None and not t.negate and (fill == -math.inf or alone)
+            off = causal_offset(const == 0) if exact else None
             if off is not None and out.causal in (None, off):
                 # 0 on and below a diagonal, -inf/finfo.min above: the same as causal masking
                 err = _merge_fill(out, fill)
@@ -289,15 +333,21 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
                 out.causal, out.constants[t.node] = off, const
                 continue
             if out.masked_value is not None and out.masked_value != -math.inf:
-                return f"a bias is added after a mask filled with {out.masked_value:g}; only -inf survives that exactly"
-            out.biases.append((t.node, -1.0 if t.negate else 1.0))
+                if specialize or out.masked_value > _MASK_FLOOR:
+                    fill = f"{out.masked_value:g}"
+                    return f"a bias is added after a mask filled with {fill}; only -inf survives that exactly"
+                # s + finfo.min is finfo.min: the earlier masks become additive, and compound with this bias
+                # (min + min = -inf) as in the original
+                out.mask_biases += [(m, out.masked_value) for m in out.masks]
+                out.masks, out.masked_value = [], None
+            out.biases.append((t.node, -1.0 if t.negate else 1.0, t.batch))
             if const is not None:
                 out.constants[t.node] = const
         elif t.kind == "mask":
             err = _merge_fill(out, t.value)
             if err:
                 return err
-            _add_mask(out, Mask(t.node, t.keep), specialize, bh)
+            _add_mask(out, Mask(t.node, t.keep, batch=t.batch), specialize, bh)
     return out
 
 

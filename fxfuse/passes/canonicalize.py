@@ -1,8 +1,268 @@
-"""Canonicalize (placeholder until the attention work lands its rules): no rewrites yet."""
+"""Canonicalize: fold spellings that compute the very same numbers, before any matcher runs.
 
-from torch.fx import GraphModule
+This pass runs on the whole graph, so every rule is exact: same values, same NaNs, same dtype. What
+is only equal up to rounding (where a scale sits, einsum vs matmul, masked_fill vs adding -inf) is left
+to the matchers' analysis, never rewritten here. Rules are data: `RULES` lists (op, rule) pairs; a rule
+gets the node and returns the node that replaces it (an existing one, or one it inserted) or None.
+
+A rule that replaces a *copy* (clone, _to_copy, x * 1) by its source changes aliasing, so it applies
+only when neither tensor is written in place and the copy is not returned to the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
+
+aten = torch.ops.aten
+# widening casts that every value of the narrow dtype survives exactly
+_EXACT_WIDENING = {
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+    (torch.bfloat16, torch.float64), (torch.float32, torch.float64),
+}  # fmt: skip
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+
+
+def _val(x: object) -> torch.Tensor | None:
+    v = x.meta.get("val") if isinstance(x, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _arg(node: Node, name: str, default: object = None) -> object:
+    """An argument by its schema name, positional or keyword."""
+    for i, spec in enumerate(node.target._schema.arguments):
+        if spec.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return default
+
+
+def _same_layout(a: Node, b: Node) -> bool:
+    va, vb = _val(a), _val(b)
+    return (
+        va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
+        and va.device == vb.device and va.stride() == vb.stride()
+    )  # fmt: skip
+
+
+class _Aliasing:
+    """Which tensors are written in place (through any view), and which nodes the graph returns."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.written: set[Node] = set()
+        self.returned: set[Node] = set()
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                self.returned.update(node.all_input_nodes)
+            schema = getattr(node.target, "_schema", None)
+            for arg, spec in zip(node.args, schema.arguments if schema else ()):
+                if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
+                    self.written.add(self.root(arg))
+
+    @staticmethod
+    def root(node: Node) -> Node:
+        """The tensor whose storage `node` views (itself unless it is a view op's result)."""
+        while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            ret = schema.returns[0].alias_info if len(schema.returns) == 1 else None
+            if ret is None or ret.is_write or not node.args or not isinstance(node.args[0], Node):
+                break
+            node = node.args[0]
+        return node
+
+    def may_drop_copy(self, copy: Node, source: Node) -> bool:
+        return copy not in self.returned and not {self.root(copy), self.root(source)} & self.written
+
+
+def _identity_view(n: Node, al: _Aliasing) -> Node | None:
+    # view/reshape/expand to the shape it already has -> x (these return x's alias with x's strides)
+    x = n.args[0]
+    return x if _same_layout(n, x) else None
+
+
+def _view_of_view(n: Node, al: _Aliasing) -> Node | None:
+    # view(view(x, s1), s2) -> view(x, s2) when x is contiguous (then every view of it is valid)
+    inner = n.args[0]
+    if n.target is not aten.view.default or inner.target is not aten.view.default:
+        return None
+    x = inner.args[0]
+    if _val(x) is None or not _val(x).is_contiguous():
+        return None
+    return _insert(n, aten.view.default, (x, n.args[1]))
+
+
+def _dropout_identity(n: Node, al: _Aliasing) -> Node | None:
+    # dropout(x, p, train=False) and dropout(x, 0, ...) -> x (ATen returns x itself)
+    p, train = _arg(n, "p"), _arg(n, "train", True)
+    return n.args[0] if p == 0 or not train else None
+
+
+def _cast_identity(n: Node, al: _Aliasing) -> Node | None:
+    # x.to(x.dtype) -> x; _to_copy to the same dtype/device/layout -> x when the copy is not needed
+    x = n.args[0]
+    if not _same_layout(n, x) or _arg(n, "memory_format") not in (None, torch.preserve_format):
+        return None
+    if n.target is aten._to_copy.default or _arg(n, "copy", False):
+        return x if al.may_drop_copy(n, x) else None
+    return x
+
+
+def _cast_round_trip(n: Node, al: _Aliasing) -> Node | None:
+    # x.to(wider).to(x.dtype) -> x when widening is exact (f16 -> f32 -> f16, not f32 -> f16 -> f32)
+    mid = n.args[0]
+    if not isinstance(mid, Node) or mid.target not in _CASTS or _val(mid) is None:
+        return None
+    x = mid.args[0]
+    if not isinstance(x, Node) or not _same_layout(n, x) or (_val(x).dtype, _val(mid).dtype) not in _EXACT_WIDENING:
+        return None
+    return x if al.may_drop_copy(n, x) else None
+
+
+def _clone_identity(n: Node, al: _Aliasing) -> Node | None:
+    # x.clone() -> x when nothing writes either tensor and the clone is not returned
+    x = n.args[0]
+    fmt = n.kwargs.get("memory_format")
+    ok = fmt in (None, torch.preserve_format) and _same_layout(n, x) and al.may_drop_copy(n, x)
+    return x if ok else None
+
+
+def _t_to_transpose(n: Node, al: _Aliasing) -> Node | None:
+    # x.t() -> x.transpose(0, 1) (x itself for 1-D): one spelling of a transpose for the matchers
+    x = n.args[0]
+    if _val(x) is None:
+        return None
+    return x if _val(x).dim() < 2 else _insert(n, aten.transpose.int, (x, 0, 1))
+
+
+def _transpose_pair(n: Node, al: _Aliasing) -> Node | None:
+    # x.transpose(i, j).transpose(i, j) -> x; x.permute(identity) -> x
+    x = n.args[0]
+    if n.target is aten.permute.default:
+        rank = _val(x).dim() if _val(x) is not None else -1
+        return x if [d % rank for d in n.args[1]] == list(range(rank)) else None
+    if x.op != "call_function" or x.target is not aten.transpose.int or _val(x.args[0]) is None:
+        return None
+    rank = _val(x.args[0]).dim()
+    pair = lambda t: sorted(d % rank for d in t.args[1:3])
+    return x.args[0] if pair(n) == pair(x) else None
+
+
+def _full_slice(n: Node, al: _Aliasing) -> Node | None:
+    # x[:, 0:size] (step 1), alias(x), x[:, :, None].squeeze(2) -> x: aliases with x's shape and strides
+    x = n.args[0]
+    return x if _arg(n, "step", 1) == 1 and _same_layout(n, x) else None
+
+
+def _squeeze_unsqueeze(n: Node, al: _Aliasing) -> Node | None:
+    # x.unsqueeze(d).squeeze(d) -> x
+    inner, dims = n.args[0], n.args[1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if inner.target is not aten.unsqueeze.default or _val(inner) is None or len(dims) != 1:
+        return None
+    rank = _val(inner).dim()
+    return inner.args[0] if dims[0] % rank == inner.args[1] % rank else None
+
+
+def _multiply_by_one(n: Node, al: _Aliasing) -> Node | None:
+    # x * 1, x / 1 (float x) and x + 0, x - 0 (integer x) -> x: exact, NaN and -0.0 included
+    x, c = n.args[0], n.args[1]
+    if not isinstance(x, Node) or isinstance(c, Node) or isinstance(c, bool) or not _same_layout(n, x):
+        return None
+    if n.target in (aten.add.Tensor, aten.sub.Tensor):
+        ok = c == 0 and not _val(x).is_floating_point() and n.kwargs.get("alpha", 1) == 1
+    else:
+        ok = c == 1 and _val(x).is_floating_point()
+    return x if ok and al.may_drop_copy(n, x) else None
+
+
+def _pool_without_indices(n: Node, al: _Aliasing) -> Node | None:
+    # max_pool2d_with_indices(...)[0] with the indices unused -> max_pool2d(...)
+    users = list(n.users)
+    if any(u.target.__name__ != "getitem" or (u.args[1] == 1 and u.users) for u in users):
+        return None
+    for u in users:
+        if u.args[1] == 0:
+            u.replace_all_uses_with(_insert(u, aten.max_pool2d.default, n.args, n.kwargs))
+        n.graph.erase_node(u)
+    return None
+
+
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device)
+
+RULES = (
+    (_VIEWS, _identity_view),
+    ((aten.view.default,), _view_of_view),
+    ((aten.dropout.default,), _dropout_identity),
+    (_CASTS, _cast_identity),
+    (_CASTS, _cast_round_trip),
+    ((aten.clone.default,), _clone_identity),
+    ((aten.t.default,), _t_to_transpose),
+    ((aten.transpose.int, aten.permute.default), _transpose_pair),
+    ((aten.slice.Tensor, aten.alias.default, aten.squeeze.dim, aten.squeeze.dims), _full_slice),
+    ((aten.squeeze.dim, aten.squeeze.dims), _squeeze_unsqueeze),
+    ((aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor), _multiply_by_one),
+    ((aten.max_pool2d_with_indices.default,), _pool_without_indices),
+)
+
+
+_INDEXED = (aten.max_pool2d_with_indices.default,)  # rules that rewire their own getitems
+
+
+def _insert(before: Node, target, args: tuple, kwargs: dict | None = None) -> Node:
+    """A new node just before `before`, with its value and provenance."""
+    graph = before.graph
+    with graph.inserting_before(before):
+        new = graph.call_function(target, tuple(args), dict(kwargs or {}))
+    new.meta = dict(before.meta)
+    return new
 
 
 def canonicalize(gm: GraphModule) -> PassResult:
-    return PassResult(gm, False)
+    """Apply `RULES` until nothing changes; nodes left without users by a rule are erased."""
+    modified = False
+    for _ in range(8):
+        changed, al = False, _Aliasing(gm)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or getattr(node, "_erased", False):
+                continue
+            for targets, rule in RULES:
+                if node.target not in targets or not node.args:
+                    continue
+                new = rule(node, al)
+                if new is not None and new is not node:
+                    node.replace_all_uses_with(new)
+                if not node.users and (new is not None or node.target in _INDEXED):
+                    _erase(node)
+                    changed = True
+                    break
+        changed |= _drop_dead(gm)
+        modified |= changed
+        if not changed:
+            break
+    if modified:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def _erase(node: Node) -> None:
+    """Erase `node`, then the pure inputs it leaves without users (the inner cast of a round trip)."""
+    inputs = node.all_input_nodes
+    node.graph.erase_node(node)
+    for x in inputs:
+        if x.op == "call_function" and not x.users and not x.is_impure():
+            _erase(x)
+
+
+def _drop_dead(gm: GraphModule) -> bool:
+    """Erase unused pure nodes (nn.MultiheadAttention's averaged weights that the caller drops). Random
+    ops stay: dropping one would shift the random stream of every later one."""
+    dead = False
+    for node in reversed(list(gm.graph.nodes)):
+        seeded = (
+            isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+        )
+        if node.op == "call_function" and not node.users and not node.is_impure() and not seeded:
+            gm.graph.erase_node(node)
+            dead = True
+    return dead

@@ -98,3 +98,23 @@ def location(node: torch.fx.Node) -> str:
     if path and line:
         return f"{path} ({line})"
     return path or line or node.name
+
+
+# Runtime checks torch.export inserts (e.g. after `.to(dtype)`); they read a tensor without changing it,
+# but a matcher sees them as one more use of an intermediate (softmax probabilities) and backs off.
+_EXPORT_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def export_graph(
+    model: torch.nn.Module, args: Sequence[object], dynamic_shapes: object = None
+) -> torch.fx.GraphModule:
+    """The front end for ONNX export: `torch.export` -> the canonical IR (ATen, FakeTensor `meta["val"]`,
+    stack traces), with export's tensor-metadata assertions removed so the graph reads like a capture."""
+    ep = torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
+    gm = ep.module()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _EXPORT_CHECKS and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch._guards
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from fxfuse.passes.capture import location
 from fxfuse.passes.site import Rejection, Site
@@ -45,8 +46,8 @@ def region_of(site: Site) -> list[Node] | str:
     stack = [site.output]
     while stack:
         node = stack.pop()
-        if node in seen or node in inputs:
-            continue
+        if node in seen or node in inputs or isinstance(node.meta.get("val"), torch.SymInt):
+            continue  # sizes (symbolic under torch.export's dynamic_shapes) are numbers the region reads
         if node.op in ("placeholder", "get_attr"):
             return f"the region reads {node.name}, which the match does not account for"
         if _is_mutating(node):
@@ -70,8 +71,10 @@ def extract(gm: GraphModule, site: Site, region: list[Node]) -> tuple[GraphModul
     for i, node in enumerate(site.inputs):
         env[node] = graph.placeholder(f"input_{i}")
         env[node].meta = dict(node.meta)
+    # a symbolic size read by the region takes the example's value, the size verification runs at
+    size = lambda n: env[n] if n in env else optimization_hint(n.meta["val"])  # noqa: E731
     for node in region:
-        env[node] = graph.node_copy(node, env.__getitem__)
+        env[node] = graph.node_copy(node, size)
     graph.output(env[site.output])
     fused_graph = Graph()
     placeholders = [fused_graph.placeholder(f"input_{i}") for i in range(len(site.inputs))]
@@ -83,6 +86,13 @@ def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
     vals = [n.meta.get("val") for n in site.inputs]
     if not all(isinstance(v, torch.Tensor) for v in vals):
         return Comparison(False, float("inf"), "an input has no tensor metadata")
+    # symbolic sizes (torch.export with dynamic_shapes) are verified at the example input's sizes
+    vals = [
+        v
+        if all(isinstance(s, int) for s in v.shape)
+        else torch.empty([optimization_hint(s) for s in v.shape], dtype=v.dtype, device=v.device)
+        for v in vals
+    ]
     out_val = site.output.meta.get("val")
     rtol = tolerance(out_val.dtype if isinstance(out_val, torch.Tensor) else torch.float32, site.tolerance)
 

@@ -103,8 +103,9 @@ def _sppf_chain(t: Node) -> tuple[Node, int, list[Pool]] | str:
     return t, size, pools
 
 
-def _site(anchor: Node, root: Node, sizes: list[int], mode: str, chained: bool, variant: str, backend: str,
-          extra: list[Node]) -> Site:
+def _site(
+    anchor: Node, root: Node, sizes: list[int], mode: str, chained: bool, variant: str, backend: str, extra: list[Node]
+) -> Site:
     def emit(graph: Graph, inputs: list[Node]) -> Node:
         import fxfuse.fusion.spp  # noqa: F401  registers torch.ops.fxfuse.spp
 
@@ -128,9 +129,13 @@ def match_same_size(cat: Node, backend: str) -> Site | Rejection | None:
             return Rejection("spp", "same-size pyramid", cat, f"a pool has {c}")
     roots = {c[0] for c in chains}
     if len(roots) != 1:
-        return Rejection("spp", "same-size pyramid", cat,
-                         "the concatenated tensors are not all max-pooled from the same input "
-                         "(zero padding via F.pad, another branch, or an average pool)")
+        return Rejection(
+            "spp",
+            "same-size pyramid",
+            cat,
+            "the concatenated tensors are not all max-pooled from the same input "
+            "(zero padding via F.pad, another branch, or an average pool)",
+        )
     root = roots.pop()
     if not (isinstance(_val(root), torch.Tensor) and _val(root).dtype.is_floating_point):
         return None

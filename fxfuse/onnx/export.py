@@ -1,0 +1,240 @@
+"""`export_onnx`: torch.export -> the same pattern passes as `optimize` -> re-export -> ONNX, verified.
+
+The route: `torch.export.export(model)` gives an ATen graph with FakeTensor values, the canonical IR, so
+`rewrite_patterns` finds, verifies and splices the fused ops there exactly as it does for `optimize`.
+The rewritten module is exported again (the fused ops trace as leaves through their fake impls) and the
+torch.onnx dynamo exporter converts it, with each fused op translated to standard ONNX
+(`fxfuse/onnx/spp.py`, `fxfuse/onnx/attention.py`). Every fused op is checked before anything is
+written: what cannot be exported raises `ExportError` with the op and the user's source line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import nn
+
+from fxfuse.onnx.check import RTOL, OrtFailure, check_file, compare_with_torch, second_inputs, tensor_leaves
+from fxfuse.onnx.functions import wrap_fused_nodes
+from fxfuse.onnx.layout import fold_layout_round_trips
+from fxfuse.onnx.lowering import ExportError, LoweredSite, plan_lowerings, translation_table
+from fxfuse.passes.capture import export_graph
+from fxfuse.passes.rewrite import rewrite_patterns
+from fxfuse.passes.verify import compare
+from fxfuse.report import Report
+
+
+@dataclass
+class OnnxExport:
+    """What `export_onnx` wrote and how well ONNX Runtime reproduces the PyTorch model."""
+
+    path: str
+    node_counts: dict[str, int]  # top-level graph nodes by op type ("fxfuse.attention" for fused nodes)
+    sites: list[LoweredSite]  # fused ops lowered, with what each became
+    max_rel_err: dict[str, float] = field(default_factory=dict)  # inputs -> ORT vs PyTorch (empty: not run)
+    report: Report = field(default_factory=Report)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, op_type: str) -> int:
+        return self.node_counts.get(op_type, 0)
+
+    def __str__(self) -> str:
+        total = sum(self.node_counts.values())
+        top = ", ".join(f"{k} {v}" for k, v in sorted(self.node_counts.items(), key=lambda kv: -kv[1])[:12])
+        lines = [f"ONNX export: {self.path} ({total} nodes: {top})"]
+        if self.sites:
+            lines.append(f"{len(self.sites)} fused op(s) lowered:")
+            lines += [f"  {s.op:<10} {s.location}  ->  {s.lowered_as}" for s in self.sites]
+        else:
+            lines.append("no fused ops: the file is the plain export of the model")
+        if any(op.startswith("fxfuse.") for op in self.node_counts):
+            lines.append("fused ops kept as fxfuse-domain nodes (ONNX local functions of standard ops)")
+        if self.max_rel_err:
+            errs = "; ".join(f"{k}: {v:.1e}" for k, v in self.max_rel_err.items())
+            lines.append(f"ONNX Runtime vs PyTorch, max relative error (tolerance {RTOL:.0e}): {errs}")
+        else:
+            lines.append("not verified in ONNX Runtime (verify=False)")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += ["", str(self.report)]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _unwrap(model: nn.Module, patterns, backend: str) -> tuple[nn.Module, Sequence[str] | None, str]:
+    from fxfuse.api import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        options = model.options
+        return model.original, patterns if patterns is not None else options.patterns, options.backend
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
+    return model, patterns, backend
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Export runs in inference (dropout off, batch-norm statistics frozen); the mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _capture(model: nn.Module, args: tuple, dynamic_shapes) -> torch.fx.GraphModule:
+    try:
+        return export_graph(model, args, dynamic_shapes)
+    except Exception as exc:
+        raise ExportError(
+            f"torch.export could not capture {type(model).__name__} ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); ONNX export needs a model torch.export can trace (optimize does not)"
+        ) from exc
+
+
+def _rewrite(model: nn.Module, args: tuple, dynamic_shapes, patterns, backend: str, verify: bool):
+    """torch.export + the pattern passes; returns the rewritten module and its report."""
+    gm, rewrites, notes = rewrite_patterns(_capture(model, args, dynamic_shapes), patterns, backend, verify)
+    report = Report(rewrites=rewrites, notes=list(notes), graphs=1, verified=verify)
+    applied = [r for r in rewrites if r.status == "applied"]
+    if verify and applied:
+        with torch.no_grad():  # outputs may be dicts / ModelOutput: compare their tensors in pytree order
+            check = compare(tensor_leaves(gm(*args)), tensor_leaves(model(*args)), RTOL)
+        if not check.ok:
+            for r in applied:
+                r.status, r.reason = "rejected", f"whole-graph check failed after rewriting: {check.reason}"
+            report.notes.append(
+                f"the rewritten graph did not match the original ({check.reason}); exported without rewrites"
+            )
+            gm = _capture(model, args, dynamic_shapes)
+    return gm, report
+
+
+def _to_onnx(gm: torch.fx.GraphModule, args: tuple, dynamic_shapes, opset: int, optimize: bool):
+    ep = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes, strict=False)
+    # the exporter narrates each step on stdout, and its constant folder logs shapes it skips as warnings
+    # (harmless); the result object tells the story instead
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                ep,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                verbose=False,
+                optimize=optimize,
+                custom_translation_table=translation_table(),
+            )
+    finally:
+        folding.setLevel(level)
+    return ep, program.model_proto
+
+
+def _node_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    # fused nodes are named <op>_<site>; count them by op
+    return dict(
+        Counter(
+            n.op_type if not n.domain else f"{n.domain}.{n.op_type.rsplit('_', 1)[0]}"
+            for n in proto.graph.node
+        )
+    )
+
+
+def _verify(result: OnnxExport, ep: torch.export.ExportedProgram, model: nn.Module, args: tuple) -> None:
+    check_file(result.path)
+    runs = [("example inputs", args)]
+    more = second_inputs(ep, args)
+    if more is not None:
+        shapes = ", ".join(str(list(x.shape)) for x in tensor_leaves(more))
+        runs.append((f"second shape {shapes}", more))
+    for label, inputs in runs:
+        check = compare_with_torch(result.path, model, inputs)
+        if not check.ok:
+            kept = _set_aside(result.path)
+            raise ExportError(
+                f"ONNX Runtime does not reproduce the PyTorch model on the {label}: {check.reason}; "
+                f"the file was moved to {kept} for inspection; please report this with the model"
+            )
+        result.max_rel_err[label] = check.max_rel_err
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Sequence[object] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    opset: int = 23,
+    dynamic_shapes: dict | tuple | list | None = None,
+    verify: bool = True,
+    fused_nodes: bool = False,
+    patterns: Sequence[str] | None = None,
+    backend: str = "auto",
+) -> OnnxExport:
+    """Optimize `model` (or take an `fxfuse.optimize`d one) and write it to `path` as standard ONNX.
+
+    Each fused attention becomes one ONNX `Attention` node (or, for what Attention cannot express, an
+    explicit MatMul/Softmax subgraph, said in the result); each SPP a MaxPool cascade + Concat. With
+    `fused_nodes=True` every fused op is one `fxfuse`-domain node whose body (an ONNX local function) holds
+    those standard ops, so any runtime still runs it. `dynamic_shapes` is torch.export's argument.
+    With `verify`, rewrites are verified as in `optimize`, the file passes `onnx.checker` (full check),
+    and ONNX Runtime must match the PyTorch model within 1e-4 relative on the example inputs (and at a
+    second size of every dynamic dimension); otherwise ExportError.
+    """
+    if opset < 23:
+        raise ValueError(f"opset={opset}: fused attention lowers to ONNX Attention, which needs opset >= 23")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    original, patterns, backend = _unwrap(model, patterns, backend)
+    path = os.fspath(path)
+    with _eval_mode(original):
+        gm, report = _rewrite(original, args, dynamic_shapes, patterns, backend, verify)
+        sites = plan_lowerings(gm)
+        ep, result = _write(gm, args, dynamic_shapes, opset, path, sites, report, fused_nodes, optimize=True)
+        if not verify:
+            return result
+        try:
+            _verify(result, ep, original, args)
+        except OrtFailure as exc:
+            # the torch.onnx graph optimizer has bugs of its own (a RotaryEmbedding fusion that ORT rejects
+            # with a dynamic batch): write the file again without it
+            ep, result = _write(gm, args, dynamic_shapes, opset, path, sites, report, fused_nodes, False)
+            result.notes.insert(
+                0,
+                f"ONNX Runtime rejected the torch.onnx-optimized graph ({str(exc)[:160]}); "
+                "written without torch.onnx's graph optimizations",
+            )
+            try:
+                _verify(result, ep, original, args)
+            except OrtFailure as again:
+                kept = _set_aside(path)
+                raise ExportError(
+                    f"ONNX Runtime cannot run the exported model (moved to {kept}): {again}"
+                ) from again
+    return result
+
+
+def _write(gm, args, dynamic_shapes, opset: int, path: str, sites, report, fused_nodes: bool, optimize: bool):
+    ep, proto = _to_onnx(gm, args, dynamic_shapes, opset, optimize)
+    fold_layout_round_trips(proto)
+    notes = wrap_fused_nodes(proto, sites) if fused_nodes else []
+    onnx.save(proto, path)
+    return ep, OnnxExport(path, _node_counts(proto), sites, report=report, notes=notes)
+
+
+def _set_aside(path: str) -> str:
+    """Never leave a file that computes something else (or nothing) where the user expects the model."""
+    kept = f"{path}.rejected"
+    os.replace(path, kept)
+    return kept

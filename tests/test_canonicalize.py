@@ -1,0 +1,139 @@
+"""Canonicalize: every rule fires on its spelling and changes no bit (NaN, inf, -0.0 included); the near
+misses that would change numbers or aliasing are left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxfuse.passes.canonicalize import canonicalize
+from fxfuse.passes.capture import aten_graph
+
+aten = torch.ops.aten
+
+
+def _nasty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    x = torch.randn(*shape, dtype=torch.float64) * 1e3
+    flat = x.view(-1)
+    flat[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=torch.float64)
+    return x.to(dtype)
+
+
+def _targets(gm: torch.fx.GraphModule) -> set:
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def _check(fn, inputs: tuple, gone: tuple, kept: tuple = ()) -> None:
+    gm = aten_graph(fn, inputs)
+    want = fn(*inputs)
+    result = canonicalize(gm)
+    got = result.graph_module(*inputs)
+    got = got[0] if isinstance(got, (list, tuple)) and not isinstance(want, (list, tuple)) else got
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    left = _targets(result.graph_module)
+    assert not set(gone) & left, f"{set(gone) & left} should have been folded"
+    assert set(kept) <= left, f"{set(kept) - left} should have been kept"
+    if gone:
+        assert result.modified
+
+
+POSITIVE = {
+    "eval_dropout": (lambda x: F.dropout(x, 0.1, training=False) + 1, (aten.dropout.default,)),
+    "zero_dropout_training": (lambda x: F.dropout(x, 0.0, training=True) + 1, (aten.dropout.default,)),
+    "same_dtype_to": (lambda x: x.to(torch.float32) + 1, (aten.to.dtype, aten._to_copy.default)),
+    "f16_f32_f16_round_trip": (
+        lambda x: x.half().float().half() + 1,
+        (aten.to.dtype, aten._to_copy.default),
+    ),
+    "clone": (lambda x: x.clone() * 2, (aten.clone.default,)),
+    "view_same_shape": (lambda x: x.view(x.shape) * 2, (aten.view.default,)),
+    "reshape_same_shape": (lambda x: x.reshape(4, 6) * 2, (aten.reshape.default, aten.view.default)),
+    "expand_same_shape": (lambda x: x.expand(4, 6) * 2, (aten.expand.default,)),
+    "t_alias": (lambda x: x.t() @ x, (aten.t.default,)),
+    "transpose_twice": (lambda x: x.transpose(0, 1).transpose(1, 0) * 2, (aten.transpose.int,)),
+    "identity_permute": (lambda x: x.permute(0, 1) * 2, (aten.permute.default,)),
+    "full_slice": (lambda x: aten.slice.Tensor(x, 1, 0, 6) * 2, (aten.slice.Tensor,)),
+    "alias": (lambda x: x[:, 0:6] * 2, (aten.alias.default,)),
+    "unsqueeze_squeeze": (lambda x: x[:, :, None].squeeze(2) * 2, (aten.squeeze.dim, aten.unsqueeze.default)),
+    "times_one": (lambda x: x * 1.0 + 1, ()),
+    "int_plus_zero": (lambda x: (torch.arange(6) + 0) * x, ()),
+}
+
+
+@pytest.mark.parametrize("name", list(POSITIVE))
+def test_rule_folds_exactly(name: str) -> None:
+    fn, gone = POSITIVE[name]
+    x = _nasty(4, 6, dtype=torch.float16 if "f16" in name else torch.float32)
+    _check(fn, (x,), gone)
+
+
+def test_times_one_is_gone() -> None:
+    gm = canonicalize(aten_graph(lambda x: x * 1.0 + 1, (_nasty(3, 3),))).graph_module
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.add.Tensor]
+
+
+def test_view_of_view_becomes_one_view() -> None:
+    gm = canonicalize(aten_graph(lambda x: x.view(2, 12).view(3, 8) * 2, (_nasty(4, 6),))).graph_module
+    assert sum(n.target is aten.view.default for n in gm.graph.nodes) == 1
+
+
+def test_max_pool_indices_unused_becomes_max_pool() -> None:
+    def fn(x):
+        out, _idx = F.max_pool2d(x, 3, 1, 1, return_indices=True)
+        return out + 1
+
+    x = _nasty(1, 2, 7, 7)
+    _check(fn, (x,), (aten.max_pool2d_with_indices.default,), (aten.max_pool2d.default,))
+
+
+def test_unused_argmax_is_dropped() -> None:
+    # not turned into amax: max's gradient goes to one index, amax's is split among ties
+    gm = canonicalize(aten_graph(lambda x: x.max(-1, keepdim=True).values * 2, (_nasty(4, 6),))).graph_module
+    getitems = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "getitem"]
+    assert [n.args[1] for n in getitems] == [0] and aten.max.dim in _targets(gm)
+
+
+def test_dead_code_is_dropped_but_not_random_ops() -> None:
+    def fn(x):
+        _unused = (x * 3).sum()  # pure and unused: dropped
+        F.dropout(x, 0.5, training=True)  # unused, but it advances the random stream: kept
+        return x + 1
+
+    gm = canonicalize(aten_graph(fn, (_nasty(3, 3),))).graph_module
+    assert _targets(gm) == {aten.dropout.default, aten.add.Tensor}
+
+
+NEGATIVE = {
+    # f32 -> f16 -> f32 rounds: not the identity
+    "f32_f16_f32_round_trip": (lambda x: x.half().float() + 1, (aten.to.dtype,)),
+    # the indices are used: the pool must keep computing them
+    "max_pool_indices_used": (
+        lambda x: sum(t.float().sum() for t in F.max_pool2d(x[None], 3, 1, 1, return_indices=True)),
+        (aten.max_pool2d_with_indices.default,),
+    ),
+    # the clone is written in place: dropping it would write the input
+    "clone_mutated": (lambda x: x.clone().add_(1) * 2, (aten.clone.default,)),
+    # a transposed tensor's contiguous() copies: its strides matter to a later view
+    "contiguous_of_transposed": (lambda x: x.t().contiguous().view(-1), (aten.contiguous.default,)),
+    # dropout in training with p > 0 is not the identity
+    "training_dropout": (lambda x: F.dropout(x, 0.5, training=True), (aten.dropout.default,)),
+    # float x + 0 turns -0.0 into +0.0
+    "float_plus_zero": (lambda x: x + 0.0, (aten.add.Tensor,)),
+}
+
+
+@pytest.mark.parametrize("name", list(NEGATIVE))
+def test_near_miss_is_kept(name: str) -> None:
+    fn, kept = NEGATIVE[name]
+    x = _nasty(4, 6)
+    gm = canonicalize(aten_graph(fn, (x,))).graph_module
+    assert set(kept) <= _targets(gm)
+    if name != "training_dropout":
+        torch.testing.assert_close(gm(x.clone())[0] if isinstance(gm(x.clone()), (list, tuple)) else gm(x.clone()),
+                                   fn(x.clone()), rtol=0, atol=0, equal_nan=True)  # fmt: skip
+
+
+def test_returned_clone_is_kept() -> None:
+    gm = canonicalize(aten_graph(lambda x: (x.clone(), x * 2), (_nasty(3, 3),))).graph_module
+    assert aten.clone.default in _targets(gm)
