@@ -160,6 +160,20 @@ def attention_models() -> list[Case]:
     return _model_family("examples/attention_models.py")
 
 
+@family("model/*[N] (demo-sized attention models, vs torch.compile too)")
+def attention_models_at_length() -> list[Case]:
+    """The demo's attention models at sequence 512-1024, where attention dominates: fxfuse against eager
+    and against torch.compile of the same model (issue target: >= 1.5x eager and >= compile)."""
+    module = load_repo_module("examples/attention_models.py")
+    specs = [("attention_heavy[1024]", "make_attention_heavy"), ("padded_mha[512]", "make_padded_mha"),
+             ("gqa_decoder[1024]", "make_gqa_decoder")]  # fmt: skip
+    factories = [(name, getattr(module, fn)) for name, fn in specs if hasattr(module, fn)]
+    return [
+        Case(f"model/{name}", lambda make=make: optimized_model_pair(make), quick=False, compile=True, group="model")
+        for name, make in factories
+    ]
+
+
 @family("model/* (examples/spp_models.py)")
 def spp_models() -> list[Case]:
     return _model_family("examples/spp_models.py")

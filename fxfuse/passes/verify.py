@@ -8,7 +8,7 @@ relative tolerance, with NaN and ±inf exactly where the original has them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,10 @@ def compare(got: object, want: object, rtol: float) -> Comparison:
     The relative error of a tensor is max|got - want| / max|want| over finite entries, so it does not
     blow up at entries that happen to be near zero.
     """
+    if isinstance(want, Mapping):  # dicts and Hugging Face ModelOutputs
+        if not isinstance(got, Mapping) or list(got.keys()) != list(want.keys()):
+            return Comparison(False, float("inf"), "output keys differ")
+        return compare(list(got.values()), list(want.values()), rtol)
     if isinstance(want, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(want):
             return Comparison(False, float("inf"), "output structure differs")

@@ -4,6 +4,7 @@ The backward is its own opaque op (`fxfuse::attention_backward`) so make_fx / to
 trace it as one node, like the forward, instead of tracing into Triton launches.
 """
 
+import functools
 import math
 import threading
 
@@ -101,13 +102,19 @@ def _choose(backend: str, q: Tensor, k: Tensor, v: Tensor, score_fn: str, masked
             dropout_p: float) -> str:  # fmt: skip
     if q.numel() == 0 or k.shape[2] == 0:
         return "reference"
-    name, _ = attention_backend(
-        backend, q.device, dtype=q.dtype, head_dim=q.shape[3], v_head_dim=v.shape[3],
-        score_fn=score_fn, masked_value=masked_value, dropout_p=dropout_p,
-    )  # fmt: skip
+    name = _backend_name(backend, q.device, q.dtype, q.shape[3], v.shape[3], score_fn, masked_value, dropout_p)
     if name == "triton" and not (k.dtype == v.dtype == q.dtype):
         return "reference"  # tl.dot needs one operand dtype; mixed inputs are rare enough to not cast
     return name
+
+
+@functools.lru_cache(maxsize=256)
+def _backend_name(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, v_head_dim: int,
+                  score_fn: str, masked_value: float, dropout_p: float) -> str:  # fmt: skip
+    # Cached: the decision depends only on these, and it cost ~10 us per call, a third of the op's
+    # overhead at small sizes.
+    return attention_backend(backend, device, dtype=dtype, head_dim=head_dim, v_head_dim=v_head_dim,
+                             score_fn=score_fn, masked_value=masked_value, dropout_p=dropout_p)[0]  # fmt: skip
 
 
 # The seed of the last forward with dropout, per thread (see attention_op and _setup_context).
