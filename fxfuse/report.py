@@ -71,25 +71,24 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
+        rejected = len({key for key, r in self._keyed() if r.status == "rejected"})
         head = (
             f"fxfuse report: {self.graphs} graph(s) captured, {self.count()} rewrite(s) applied, "
-            f"{len(self.rejected())} rejected" + ("" if self.verified else " (verification OFF: verify=False)")
+            f"{rejected} rejected" + ("" if self.verified else " (verification OFF: verify=False)")
         )
         lines = [head]
         if self.rewrites:
-            cols = ("pattern", "status", "variant", "location", "backend", "max_rel_err", "reason")
-            rows = [
-                (
-                    r.pattern,
-                    r.status,
-                    r.variant,
-                    r.location,
-                    r.backend,
-                    "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
-                    r.reason,
-                )
-                for r in self.rewrites
-            ]
+            # one row per site and outcome: a re-capture (new shape, grad mode) repeats its rows
+            groups: dict[tuple, list[Rewrite]] = {}
+            for key, r in self._keyed():
+                groups.setdefault((key, r.status, r.variant, r.backend, r.reason), []).append(r)
+            cols = ("pattern", "status", "variant", "location", "backend", "max_rel_err", "graphs", "reason")
+            rows = []
+            for group in groups.values():
+                r, errs = group[0], [g.max_rel_err for g in group if g.max_rel_err is not None]
+                graphs = ",".join(str(g.graph) for g in group)
+                err = f"{max(errs):.1e}" if errs else "-"
+                rows.append((r.pattern, r.status, r.variant, r.location, r.backend, err, graphs, r.reason))
             widths = [min(60, max(len(c), *(len(row[i]) for row in rows))) for i, c in enumerate(cols)]
             widths[-1] = max(len(r[-1]) for r in rows)  # the reason is never cut
             fmt = lambda row: "  ".join(str(v)[:w].ljust(w) for v, w in zip(row, widths)).rstrip()

@@ -93,6 +93,13 @@ def _bloom_style(m, q, k, v, keep):
     return torch.bmm(p, v)
 
 
+def _diffusers_style(m, q, k, v):
+    # heads folded into the batch; baddbmm with beta=0 on torch.empty (the added tensor is ignored)
+    q, k, v = (t.reshape(B * HEADS, N, D) for t in (q, k, v))
+    s = torch.baddbmm(torch.empty(B * HEADS, N, N), q, k.transpose(-1, -2), beta=0, alpha=D**-0.5)
+    return torch.bmm(s.softmax(dim=-1), v)
+
+
 POSITIVE = {
     # id: (module, extra inputs, expected variant fragments)
     "scale_on_q": (lambda m, q, k, v: _sdpa_like(_qk(q * D**-0.5, k), v), (), ["scale 0.3536"]),
@@ -128,6 +135,21 @@ POSITIVE = {
     "mqa_by_broadcast": (Spelling(_mqa_broadcast, kv_heads=1), (), ["mqa 4:1"]),
     "bnhd_layout_einsum": (_bnhd_einsum, (), ["scale"]),
     "kv_tiled_by_repeat": (Spelling(_kv_tiled, kv_heads=2), (), ["scale"]),
+    "v_times_transposed_probabilities_psa": (  # Ultralytics' PSA attention: q, k, v as [B, H, D, N]
+        lambda m, q, k, v: (v.transpose(-2, -1) @ torch.softmax(_qk(q, k) * 0.25, -1).transpose(-2, -1))
+        .transpose(-2, -1), (), ["scale 0.25"]),
+    "einsum_value_operand_first": (
+        lambda m, q, k, v: torch.einsum("bhjd,bhij->bhid", v, torch.softmax(_qk(q, k), -1)), (), ["plain"]),
+    "row_max_subtracted_detached": (
+        lambda m, q, k, v: _sdpa_like((lambda s: s - s.amax(-1, keepdim=True).detach())(_qk(q, k) * 0.3), v),
+        (), ["scale 0.3"]),
+    "row_max_values_subtracted_then_masked": (
+        lambda m, q, k, v: _sdpa_like(
+            (lambda s: s - s.max(dim=-1, keepdim=True).values)(_qk(q, k)).masked_fill(~_causal_bool(), NEG_INF), v),
+        (), ["causal"]),
+    "float32_softmax_type_as": (  # Meta's Llama reference code
+        lambda m, q, k, v: F.softmax(_qk(q, k).float() * 0.5, dim=-1).type_as(q) @ v, (), ["scale 0.5"]),
+    "baddbmm_beta0_on_empty": (_diffusers_style, (), ["scale 0.3536", "3-D"]),
     "varlen_and_causal": (
         lambda m, q, k, v, seg: _sdpa_like(
             _qk(q, k).masked_fill(~((seg[:, :, None] == seg[:, None, :]) & _causal_bool())[:, None], NEG_INF), v),
@@ -284,7 +306,15 @@ NEGATIVE = {
         ("keys",), "different values"),
     "tanh_softcap": (lambda m, q, k, v: _sdpa_like(torch.tanh(_qk(q, k) / 30) * 30, v), (), "tanh"),
     "value_product_contracts_queries": (
-        lambda m, q, k, v: torch.softmax(_qk(q, k), -1).transpose(-1, -2) @ v, (), "before the value product"),
+        lambda m, q, k, v: torch.softmax(_qk(q, k), -1).transpose(-1, -2) @ v, (), "not the key axis"),
+    "v_times_probabilities_untransposed": (
+        lambda m, q, k, v: v.transpose(-2, -1) @ torch.softmax(_qk(q, k), -1), (), "not the key axis"),
+    "row_max_then_zero_fill": (
+        lambda m, q, k, v, keep: _sdpa_like(
+            (lambda s: (s - s.amax(-1, keepdim=True)).masked_fill(~keep[:, None, None], 0.0))(_qk(q, k)), v),
+        ("keys",), "moderate fill"),
+    "column_max_subtracted": (
+        lambda m, q, k, v: _sdpa_like((lambda s: s - s.amax(-2, keepdim=True))(_qk(q, k)), v), (), "outside"),
     "scores_returned": (
         lambda m, q, k, v: (lambda s: (_sdpa_like(s, v), s))(_qk(q, k) * 0.1), (), "outside the pattern"),
     "two_score_products": (

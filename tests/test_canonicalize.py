@@ -50,6 +50,7 @@ POSITIVE = {
     "view_same_shape": (lambda x: x.view(x.shape) * 2, (aten.view.default,)),
     "reshape_same_shape": (lambda x: x.reshape(4, 6) * 2, (aten.reshape.default, aten.view.default)),
     "expand_same_shape": (lambda x: x.expand(4, 6) * 2, (aten.expand.default,)),
+    "type_as_same_dtype": (lambda x: x.type_as(x) * 2, (aten.type_as.default,)),
     "t_alias": (lambda x: x.t() @ x, (aten.t.default,)),
     "transpose_twice": (lambda x: x.transpose(0, 1).transpose(1, 0) * 2, (aten.transpose.int,)),
     "identity_permute": (lambda x: x.permute(0, 1) * 2, (aten.permute.default,)),
@@ -66,6 +67,12 @@ def test_rule_folds_exactly(name: str) -> None:
     fn, gone = POSITIVE[name]
     x = _nasty(4, 6, dtype=torch.float16 if "f16" in name else torch.float32)
     _check(fn, (x,), gone)
+
+
+def test_type_as_becomes_a_cast() -> None:
+    fn = lambda x, y: x.float().softmax(-1).type_as(y) + y
+    x = _nasty(3, 5, dtype=torch.float16)
+    _check(fn, (x, x), (aten.type_as.default,), (aten.to.dtype,))
 
 
 def test_times_one_is_gone() -> None:

@@ -17,8 +17,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_emit import build_site
-from fxfuse.passes.attention_layout import Operand, Product, read_product, val
-from fxfuse.passes.attention_scores import BATCH_VIEWS, CHAIN_OPS, normalize, read_chain, same_rows
+from fxfuse.passes.attention_layout import Operand, Product, _peel_permute, _peel_transpose, read_product, val
+from fxfuse.passes.attention_scores import _MASK_FLOOR, BATCH_VIEWS, CHAIN_OPS, normalize, read_chain, same_rows
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -104,19 +104,38 @@ def _value_product(anchor: Anchor) -> tuple[Product, float] | str | None:
             dropout = float(nxt.args[1]) if train else dropout
         p = nxt
     users = list(p.users)
-    products = [u for u in users if (pr := read_product(u)) and pr.a is p and pr.b is not p and pr.bias is None]
+    products = [pr for u in users if (pr := _probs_product(p, u)) is not None]
     if products and len(users) > 1:
-        other = next(u for u in users if u not in products)
+        other = next(u for u in users if u is not products[0].node and u not in products[0].node.args)
         return f"the attention probabilities are also used by {other.name} (returned, stored or reduced)"
     if products:
-        return read_product(products[0]), dropout
-    if any(read_product(u) is not None for u in users):
-        return "the probabilities are the right operand of the value product (only p @ v is supported)"
+        return products[0], dropout
     near = [w for u in users for w in u.users if read_product(w) is not None]
     if near:
         why = "a mask, weight or transpose after the softmax"
         return f"the probabilities go through {users[0].target} before the value product ({why})"
     return None
+
+
+def _probs_product(p: Node, user: Node) -> Product | None:
+    """`user` as the value product with the probabilities `p` as its first operand, or None. `p` may be
+    either operand of a matmul/einsum and reach it through one transpose or permute (Ultralytics' PSA
+    computes v @ p.transpose(-2, -1)): an einsum does not care about operand order, and a transpose only
+    relabels p's axes. Whether the result really is p @ v over the key axis is `_roles`' question."""
+    hop = None
+    if user.target in (aten.transpose.int, aten.permute.default) and len(user.users) == 1:
+        hop, user = user, next(iter(user.users))
+    pr = read_product(user)
+    if pr is None or pr.bias is not None or pr.alpha != 1.0:
+        return None
+    operand = hop or p
+    if (pr.a is operand) == (pr.b is operand):
+        return None  # p is not an operand, or both (p @ p)
+    a_labels, b, b_labels = (pr.a_labels, pr.b, pr.b_labels) if pr.a is operand else (pr.b_labels, pr.a, pr.a_labels)
+    if hop is not None:
+        unpeel = _peel_transpose if hop.target is aten.transpose.int else _peel_permute
+        a_labels = unpeel(Operand(hop, a_labels), "").labels
+    return Product(user, p, b, a_labels, b_labels, pr.out_labels)
 
 
 def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
@@ -131,6 +150,9 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
     if anchor.problem:
         return reject(anchor.problem)
     where, terms = read_chain(anchor.scores)
+    why = _shift_problem(anchor, terms)
+    if why:
+        return reject(why)
     ps = read_product(where)
     if ps is None:
         return reject(_blocker(where))
@@ -149,6 +171,22 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
             return site
         first = first or why
     return reject(first)
+
+
+def _shift_problem(anchor: Anchor, terms: list) -> str | None:
+    """Why a row-max subtraction among the score terms is not a no-op, or None. Softmax over the same
+    axis cancels any per-row constant; scales, biases and -inf / finfo.min masks applied after it keep it
+    a per-row constant, but a mask filling a moderate value (0, -1e4) sets masked scores relative to the
+    shifted row, so dropping the shift would change them."""
+    shifts = [i for i, t in enumerate(terms) if t.kind == "shift"]
+    if not shifts:
+        return None
+    if anchor.score_fn != "softmax" or anchor.dim != -1:
+        return "the scores subtract their row maximum before a normalization that is not a softmax over it"
+    later = terms[shifts[0] + 1 :]
+    if any(t.kind == "mask" and t.value > _MASK_FLOOR for t in later):
+        return "a mask with a moderate fill value follows the row-max subtraction; dropping it would change the scores"
+    return None
 
 
 def _blocker(where: Node) -> str:

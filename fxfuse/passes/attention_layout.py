@@ -60,9 +60,10 @@ def read_product(node: Node) -> Product | None:
     if node.target is aten.baddbmm.default and len(node.args) == 3:
         bias, a, b = node.args
         beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-        if beta == 1 and is_number(alpha) and val(a) is not None and val(b) is not None:
-            return Product(node, a, b, "Axy", "Ayz", "Axz", bias, float(alpha))
-        return None
+        if beta not in (0, 1) or not is_number(alpha) or val(a) is None or val(b) is None:
+            return None
+        # beta=0 ignores the added tensor, NaN and inf included (diffusers passes torch.empty there)
+        return Product(node, a, b, "Axy", "Ayz", "Axz", bias if beta == 1 else None, float(alpha))
     if node.target is aten.einsum.default and len(node.args[1]) == 2:
         eq = node.args[0].replace(" ", "")
         if "..." in eq or "->" not in eq:

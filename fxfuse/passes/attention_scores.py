@@ -12,6 +12,7 @@ causal=True), boolean conjunctions are split and segment-id equality becomes q_s
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ _CONST_LIMIT = 1 << 24  # elements: constants larger than this are not evaluated
 
 @dataclass
 class Term:
-    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast" | "view" (the last two change nothing)
+    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast" | "view" | "shift" (the last three
+    # change nothing: a cast or view of the scores, a row-max subtraction that softmax makes redundant)
     node: Node | None = None
     value: float = 1.0  # scale factor, or a mask's fill value
     keep: bool = True  # mask polarity: True where the node is True on attended positions
@@ -110,6 +112,33 @@ def _rule_scale(n: Node) -> tuple[Node, Term] | None:
     return x, Term("temperature", node=other, negate=divides)
 
 
+def _row_max_of(m: object, x: Node) -> bool:
+    """Whether `m` is x's maximum over the last axis, kept as a size-1 axis (maybe detached)."""
+    if isinstance(m, Node) and m.target in (aten.detach.default, aten.alias.default):
+        m = m.args[0]
+    if not isinstance(m, Node) or val(m) is None or val(x) is None:
+        return False
+    rank = val(x).dim()
+    if m.target is aten.amax.default:
+        dims = [d % rank for d in m.args[1]] if len(m.args) > 1 else []
+        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+    elif m.target is operator.getitem and m.args[1] == 0 and m.args[0].target is aten.max.dim:
+        m = m.args[0]  # x.max(dim, keepdim=True).values
+        dims = [m.args[1] % rank]
+        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+    else:
+        return False
+    return m.args[0] is x and dims == [rank - 1] and bool(keep)
+
+
+def _rule_shift(n: Node) -> tuple[Node, Term] | None:
+    # s - s.amax(-1, keepdim=True) (often detached, for stability) -> nothing: the normalization is
+    # softmax over the last axis, which subtracts its own row maximum; `match` checks that it is
+    if n.target is not aten.sub.Tensor or n.kwargs.get("alpha", 1) != 1 or not isinstance(n.args[0], Node):
+        return None
+    return (n.args[0], Term("shift")) if _row_max_of(n.args[1], n.args[0]) else None
+
+
 def _rule_bias(n: Node) -> tuple[Node, Term] | None:
     # s + b, b + s, s - b with a float tensor b -> additive bias
     if n.target not in (aten.add.Tensor, aten.sub.Tensor) or n.kwargs.get("alpha", 1) != 1:
@@ -154,7 +183,7 @@ def _rule_batch_view(n: Node) -> tuple[Node, Term] | None:
     return n.args[0], Term("view")
 
 
-CHAIN_RULES = (_rule_scale, _rule_bias, _rule_masked_fill, _rule_where, _rule_cast, _rule_batch_view)
+CHAIN_RULES = (_rule_scale, _rule_shift, _rule_bias, _rule_masked_fill, _rule_where, _rule_cast, _rule_batch_view)
 BATCH_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
@@ -188,10 +217,11 @@ def read_chain(scores: Node) -> tuple[Node, list[Term]]:
         else:
             break
     product = read_product(node)
-    if product is not None and product.bias is not None:
-        # baddbmm(bias, q, k^T, alpha=a): a * (q @ k^T) + bias
+    if product is not None and (product.bias is not None or product.alpha != 1.0):
+        # baddbmm(bias, q, k^T, alpha=a): a * (q @ k^T) + bias (no bias when beta=0)
         batch = tuple(int(d) for d in val(node).shape[:-2])
-        terms += [Term("bias", node=product.bias, batch=batch), Term("scale", value=product.alpha, batch=batch)]
+        terms += [Term("bias", node=product.bias, batch=batch)] if product.bias is not None else []
+        terms += [Term("scale", value=product.alpha, batch=batch)]
     return node, terms[::-1]
 
 

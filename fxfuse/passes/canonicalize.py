@@ -126,6 +126,15 @@ def _clone_identity(n: Node, al: _Aliasing) -> Node | None:
     return x if ok else None
 
 
+def _type_as_to_cast(n: Node, al: _Aliasing) -> Node | None:
+    # x.type_as(y) -> x.to(y.dtype) when both live on one device (type_as is .to(y's dtype and device))
+    x, like = n.args[0], n.args[1]
+    vx, vl = _val(x), _val(like)
+    if vx is None or vl is None or vx.device != vl.device:
+        return None
+    return _insert(n, aten.to.dtype, (x, vl.dtype))
+
+
 def _t_to_transpose(n: Node, al: _Aliasing) -> Node | None:
     # x.t() -> x.transpose(0, 1) (x itself for 1-D): one spelling of a transpose for the matchers
     x = n.args[0]
@@ -196,6 +205,7 @@ RULES = (
     (_CASTS, _cast_identity),
     (_CASTS, _cast_round_trip),
     ((aten.clone.default,), _clone_identity),
+    ((aten.type_as.default,), _type_as_to_cast),
     ((aten.t.default,), _t_to_transpose),
     ((aten.transpose.int, aten.permute.default), _transpose_pair),
     ((aten.slice.Tensor, aten.alias.default, aten.squeeze.dim, aten.squeeze.dims), _full_slice),
