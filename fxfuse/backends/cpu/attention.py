@@ -55,7 +55,7 @@ def _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, maske
     nq, nk = q.shape[2], k.shape[2]
     # Half inputs: the reference accumulates in float32 and finfo(float32).min would overflow a half mask.
     acc = compute_dtype(q.dtype)
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    qf, kf, vf = (t if t.dtype == acc else t.to(acc) for t in (q, k, v))
     only_causal = causal and causal_offset == 0 and bias is None and mask is None and q_seg is None
     if only_causal:
         # SDPA's is_causal is top-left aligned (j <= i), i.e. causal_offset == 0; no row is fully masked.
@@ -72,9 +72,9 @@ def _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, maske
             attn_mask = torch.where(keep, base, torch.tensor(masked_value, dtype=acc, device=q.device))
         dead = None if attn_mask is None else (attn_mask == -math.inf).all(-1, keepdim=True)
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, scale=scale, enable_gqa=True)
-    if dead is not None:
+    if dead is not None and bool(dead.any()):  # the test is cheaper than an unneeded masked_fill
         out = out.masked_fill(dead, math.nan)
-    return out.to(q.dtype)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def attention_cpu(
