@@ -95,6 +95,19 @@ def test_adaptive_forward_equals_eager_sppnet(backend: str, sizes: list[int]) ->
     assert_same(spp(x, sizes, "adaptive", backend=backend), eager_adaptive(x, sizes))
 
 
+@pytest.mark.parametrize(
+    ("hw", "sizes"),
+    [((8, 8), [8, 4, 1]), ((20, 20), [4, 2, 1]), ((12, 18), [3, 6]), ((40, 40), [1]), ((40, 40), [2, 1])],
+    ids=["one-row-bins", "yolo-neck-size", "non-square", "many-rows", "many-rows-nested"],
+)
+def test_adaptive_cpu_uniform_bins_leave_input_alone(hw: tuple[int, int], sizes: list[int]) -> None:
+    # the cpu path folds bin rows with in-place maxima on a fresh tensor: exact, and never on the input
+    x = special_values((2, 3, *hw))
+    before = x.clone()
+    assert_same(spp(x, sizes, "adaptive", backend="cpu"), eager_adaptive(x, sizes))
+    assert_same(x, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_and_high_precision(backend: str, dtype: torch.dtype) -> None:
