@@ -100,6 +100,12 @@ def _diffusers_style(m, q, k, v):
     return torch.bmm(s.softmax(dim=-1), v)
 
 
+def _falcon_style(m, q, k, v):
+    s = q @ k.transpose(-1, -2)
+    s /= math.sqrt(D)  # in place, as Hugging Face's Falcon does
+    return F.softmax(s, dim=-1) @ v
+
+
 POSITIVE = {
     # id: (module, extra inputs, expected variant fragments)
     "scale_on_q": (lambda m, q, k, v: _sdpa_like(_qk(q * D**-0.5, k), v), (), ["scale 0.3536"]),
@@ -150,6 +156,7 @@ POSITIVE = {
     "float32_softmax_type_as": (  # Meta's Llama reference code
         lambda m, q, k, v: F.softmax(_qk(q, k).float() * 0.5, dim=-1).type_as(q) @ v, (), ["scale 0.5"]),
     "baddbmm_beta0_on_empty": (_diffusers_style, (), ["scale 0.3536", "3-D"]),
+    "in_place_scale_falcon": (_falcon_style, (), ["scale 0.3536"]),
     "varlen_and_causal": (
         lambda m, q, k, v, seg: _sdpa_like(
             _qk(q, k).masked_fill(~((seg[:, :, None] == seg[:, None, :]) & _causal_bool())[:, None], NEG_INF), v),
@@ -394,4 +401,51 @@ def test_hugging_face_eager_attention(name: str) -> None:
     kwargs = make_kwargs()
     with torch.no_grad():
         want, got = model(**kwargs).last_hidden_state, opt(**kwargs).last_hidden_state
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def _hf_more(name: str):
+    """More architectures as shipped (tiny random configs, eager attention): (model, kwargs, sites)."""
+    t = pytest.importorskip("transformers")
+    ids = lambda n=7: torch.randint(0, 99, (2, n))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    common = dict(vocab_size=99, attn_implementation="eager")
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common)
+    seq2seq = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, **common)  # fmt: skip
+    if name == "falcon_in_place_scale":
+        model = t.FalconModel(t.FalconConfig(new_decoder_architecture=False, alibi=False, **small))
+        return model, dict(input_ids=ids(), attention_mask=mask), 2
+    if name == "bloom_alibi":
+        model = t.BloomModel(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
+        return model, dict(input_ids=ids(), attention_mask=mask), 2
+    if name == "bart_encoder_decoder":
+        model = t.BartModel(t.BartConfig(**seq2seq))
+        return model, dict(input_ids=ids(), attention_mask=mask, decoder_input_ids=ids(5)), 3
+    if name == "whisper_cross":
+        model = t.WhisperModel(t.WhisperConfig(pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+                                               num_mel_bins=8, max_source_positions=8, **seq2seq))  # fmt: skip
+        return model, dict(input_features=torch.randn(2, 8, 16), decoder_input_ids=ids(5)), 3
+    if name == "swin_windows":
+        model = t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4],
+                                         window_size=4, attn_implementation="eager"))  # fmt: skip
+        return model, dict(pixel_values=torch.randn(2, 3, 32, 32)), 3
+    model = t.MistralModel(t.MistralConfig(num_key_value_heads=2, **small))
+    return model, dict(input_ids=ids(), attention_mask=mask), 2
+
+
+@pytest.mark.parametrize(
+    "name", ["falcon_in_place_scale", "bloom_alibi", "bart_encoder_decoder", "whisper_cross", "swin_windows",
+             "mistral_gqa_padding"],
+)  # fmt: skip
+def test_more_hugging_face_architectures(name: str) -> None:
+    torch.manual_seed(0)
+    model, kwargs, sites = _hf_more(name)
+    model.eval()
+    opt = fxfuse.optimize(model, patterns=["attention"])
+    with torch.no_grad():
+        want, got = model(**kwargs)[0], opt(**kwargs)[0]
+    rep = fxfuse.report(opt)
+    assert rep.count("attention") == sites and not rep.rejected(), str(rep)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

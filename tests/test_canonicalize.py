@@ -75,6 +75,49 @@ def test_type_as_becomes_a_cast() -> None:
     _check(fn, (x, x), (aten.type_as.default,), (aten.to.dtype,))
 
 
+def _scaled_in_place(x):
+    s = x @ x.t()
+    s /= 8.0
+    s.masked_fill_(s > 100, -1.0)
+    return s.softmax(-1) + s
+
+
+def test_in_place_on_fresh_intermediate_becomes_functional() -> None:
+    _check(_scaled_in_place, (_nasty(4, 6),), (aten.div_.Scalar, aten.div_.Tensor, aten.masked_fill_.Scalar),
+           (aten.div.Tensor,))  # fmt: skip
+
+
+def _viewed_then_written(x):
+    s = x * 2
+    row = s[0]  # a view taken before the write sees it
+    s.mul_(3.0)
+    return row + s
+
+
+def _input_written(x):
+    x.div_(2.0)
+    return x + 1
+
+
+def _promoted(x, y):
+    s = x * 2
+    s.add_(y)  # float16 += float32 stays float16; s + y would be float32
+    return s
+
+
+@pytest.mark.parametrize("fn", [_viewed_then_written, _input_written, _promoted], ids=lambda f: f.__name__[1:])
+def test_in_place_that_aliasing_or_promotion_observes_is_kept(fn) -> None:
+    n_args = fn.__code__.co_argcount
+    inputs = (_nasty(4, 6, dtype=torch.float16), _nasty(4, 6))[:n_args]
+    gm = aten_graph(fn, tuple(t.clone() for t in inputs))
+    want = fn(*(t.clone() for t in inputs))
+    result = canonicalize(gm).graph_module
+    got = result(*(t.clone() for t in inputs))
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert any(str(n.target).endswith("_.Scalar") or str(n.target).endswith("_.Tensor") for n in result.graph.nodes)
+
+
 def test_times_one_is_gone() -> None:
     gm = canonicalize(aten_graph(lambda x: x * 1.0 + 1, (_nasty(3, 3),))).graph_module
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.add.Tensor]
@@ -111,6 +154,13 @@ def test_dead_code_is_dropped_but_not_random_ops() -> None:
     assert _targets(gm) == {aten.dropout.default, aten.add.Tensor}
 
 
+def _clone_viewed_then_written(x):
+    y = x.clone()
+    first = y[0]
+    y.add_(1)
+    return first * 2
+
+
 NEGATIVE = {
     # f32 -> f16 -> f32 rounds: not the identity
     "f32_f16_f32_round_trip": (lambda x: x.half().float() + 1, (aten.to.dtype,)),
@@ -119,8 +169,9 @@ NEGATIVE = {
         lambda x: sum(t.float().sum() for t in F.max_pool2d(x[None], 3, 1, 1, return_indices=True)),
         (aten.max_pool2d_with_indices.default,),
     ),
-    # the clone is written in place: dropping it would write the input
-    "clone_mutated": (lambda x: x.clone().add_(1) * 2, (aten.clone.default,)),
+    # the clone is written in place (through a view taken before, so the write stays): dropping the
+    # clone would write the input
+    "clone_mutated": (_clone_viewed_then_written, (aten.clone.default, aten.add_.Tensor)),
     # a transposed tensor's contiguous() copies: its strides matter to a later view
     "contiguous_of_transposed": (lambda x: x.t().contiguous().view(-1), (aten.contiguous.default,)),
     # dropout in training with p > 0 is not the identity

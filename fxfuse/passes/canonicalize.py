@@ -6,7 +6,8 @@ to the matchers' analysis, never rewritten here. Rules are data: `RULES` lists (
 gets the node and returns the node that replaces it (an existing one, or one it inserted) or None.
 
 A rule that replaces a *copy* (clone, _to_copy, x * 1) by its source changes aliasing, so it applies
-only when neither tensor is written in place and the copy is not returned to the caller.
+only when neither tensor is written in place and the copy is not returned to the caller. An in-place
+op on an intermediate that nothing else aliases becomes its functional form.
 """
 
 from __future__ import annotations
@@ -135,6 +136,47 @@ def _type_as_to_cast(n: Node, al: _Aliasing) -> Node | None:
     return _insert(n, aten.to.dtype, (x, vl.dtype))
 
 
+_INPLACE = {
+    aten.div_.Tensor: aten.div.Tensor, aten.div_.Scalar: aten.div.Scalar, aten.mul_.Tensor: aten.mul.Tensor,
+    aten.mul_.Scalar: aten.mul.Scalar, aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.masked_fill_.Tensor: aten.masked_fill.Tensor,
+}  # fmt: skip
+
+
+def _may_alias(node: Node) -> bool:
+    """Whether `node`'s result may share storage with an input (a view op, an in-place op, not ATen)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    schema = node.target._schema
+    return schema.is_mutable or any(r.alias_info is not None for r in schema.returns)
+
+
+def _functional_inplace(n: Node, al: _Aliasing) -> Node | None:
+    # s /= c on a fresh intermediate (HF Falcon scales its scores so) -> s2 = s / c, later readers of s
+    # read s2. Only when s owns its storage (made by a non-view op), no view of it was taken before the
+    # write (it would see the write) and nothing is promoted (the in-place op keeps s's dtype).
+    x = n.args[0]
+    if not isinstance(x, Node) or x.op != "call_function" or not isinstance(x.target, torch._ops.OpOverload):
+        return None
+    schema = x.target._schema
+    if schema.is_mutable or len(schema.returns) != 1 or schema.returns[0].alias_info is not None:
+        return None
+    operands = n.args[2:] if n.target in (aten.masked_fill_.Scalar, aten.masked_fill_.Tensor) else n.args[1:]
+    tensors = [a for a in (*operands, *n.kwargs.values()) if isinstance(a, Node)]
+    if _val(x) is None or _val(n) is None or any(_val(t) is None or _val(t).dtype != _val(x).dtype for t in tensors):
+        return None
+    later, node = set(), n.next
+    while node.op != "root":
+        later.add(node)
+        node = node.next
+    if any(u is not n and u not in later and _may_alias(u) for u in x.users):
+        return None  # an earlier view of s would see the write; an earlier plain read has its value already
+    new = _insert(n, _INPLACE[n.target], n.args, n.kwargs)
+    for u in [u for u in x.users if u in later]:
+        u.replace_input_with(x, new)
+    return new
+
+
 def _t_to_transpose(n: Node, al: _Aliasing) -> Node | None:
     # x.t() -> x.transpose(0, 1) (x itself for 1-D): one spelling of a transpose for the matchers
     x = n.args[0]
@@ -205,6 +247,7 @@ RULES = (
     (_CASTS, _cast_identity),
     (_CASTS, _cast_round_trip),
     ((aten.clone.default,), _clone_identity),
+    (tuple(_INPLACE), _functional_inplace),
     ((aten.type_as.default,), _type_as_to_cast),
     ((aten.t.default,), _t_to_transpose),
     ((aten.transpose.int, aten.permute.default), _transpose_pair),
