@@ -270,6 +270,23 @@ def test_hugging_face_attention_sites_become_attention_nodes(name, tmp_path):
     assert ort_error(tmp_path / "m.onnx", model, inputs) < 1e-4
 
 
+def test_hugging_face_kv_cache_is_left_out_with_a_note(tmp_path):
+    # GPT-2 as configured by default returns its KV cache (a DynamicCache, which torch.export cannot output)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  attn_implementation="eager")  # fmt: skip
+    model = transformers.GPT2Model(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    result = fxfuse.export_onnx(model, (ids,), tmp_path / "m.onnx")
+    assert model.config.use_cache, "the user's config must be restored"
+    assert result.count("Attention") == 2 and any("use_cache=False" in n for n in result.notes), str(result)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).last_hidden_state
+    check = compare(run_onnx(str(tmp_path / "m.onnx"), (ids,))[:1], [want], 1e-4)
+    assert check.ok, check.reason
+
+
 def test_hugging_face_gqa_with_dynamic_batch_and_sequence(tmp_path):
     model, inputs = _tiny_hf("llama")
     dims = {0: Dim("batch", max=8), 1: Dim("seq", min=2, max=32)}

@@ -92,6 +92,24 @@ def _eval_mode(model: nn.Module):
             m.training = mode
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module, notes: list[str]):
+    """Hugging Face decoders return their KV cache (a DynamicCache object, not tensors) unless
+    `config.use_cache` is off; torch.export cannot output it, and an ONNX file of one forward pass has no
+    use for it. Export with the cache off (the hidden states are the same) and say so; restored after."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    notes.append("exported with config.use_cache=False: the KV cache object is not an ONNX output "
+                 "(the model's other outputs are unchanged)")  # fmt: skip
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def _capture(model: nn.Module, args: tuple, dynamic_shapes) -> torch.fx.GraphModule:
     try:
         return export_graph(model, args, dynamic_shapes)
@@ -198,10 +216,12 @@ def export_onnx(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     original, patterns, backend = _unwrap(model, patterns, backend)
     path = os.fspath(path)
-    with _eval_mode(original):
+    notes: list[str] = []
+    with _eval_mode(original), _without_kv_cache(original, notes):
         gm, report = _rewrite(original, args, dynamic_shapes, patterns, backend, verify)
         sites = plan_lowerings(gm)
         ep, result = _write(gm, args, dynamic_shapes, opset, path, sites, report, fused_nodes, optimize=True)
+        result.notes[:0] = notes
         if not verify:
             return result
         try:
@@ -210,6 +230,7 @@ def export_onnx(
             # the torch.onnx graph optimizer has bugs of its own (a RotaryEmbedding fusion that ORT rejects
             # with a dynamic batch): write the file again without it
             ep, result = _write(gm, args, dynamic_shapes, opset, path, sites, report, fused_nodes, False)
+            result.notes[:0] = notes
             result.notes.insert(
                 0,
                 f"ONNX Runtime rejected the torch.onnx-optimized graph ({str(exc)[:160]}); "
