@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,14 +65,14 @@ class OptimizedModule(nn.Module):
             return getattr(super().__getattr__("original"), name)
 
 
-def _capture_now(opt: OptimizedModule, example_inputs: tuple) -> None:
+def _capture_now(opt: OptimizedModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
     """Run the model once so capture, rewrite and verification happen now, leaving no trace: buffers
     (batch-norm statistics) and the RNG state are restored afterwards."""
     model = opt.original
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     rng = torch.random.get_rng_state()
     try:
-        opt(*example_inputs)
+        opt(*example_inputs, **(example_kwargs or {}))
     finally:
         torch.random.set_rng_state(rng)
         with torch.no_grad():
@@ -82,7 +82,7 @@ def _capture_now(opt: OptimizedModule, example_inputs: tuple) -> None:
 
 def optimize(
     model: nn.Module,
-    example_inputs: Sequence[object] | None = None,
+    example_inputs: Sequence[object] | Mapping[str, object] | None = None,
     *,
     patterns: Sequence[str] | None = None,
     backend: str = "auto",
@@ -91,8 +91,9 @@ def optimize(
 ) -> OptimizedModule:
     """Find attention / SPP patterns in `model`, verify and fuse them; returns a module that calls like it.
 
-    With `example_inputs` (a tuple of positional arguments) capture, rewrite and verification happen now;
-    without, at the first call (and again for inputs the captured graph does not cover).
+    With `example_inputs` (a tuple of positional arguments, or a dict of keyword arguments such as a
+    tokenizer's output) capture, rewrite and verification happen now; without, at the first call (and
+    again for inputs the captured graph does not cover).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -106,9 +107,13 @@ def optimize(
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
+        if isinstance(example_inputs, Mapping):
+            _capture_now(opt, (), dict(example_inputs))
+            return opt
         if not isinstance(example_inputs, (tuple, list)):
             raise TypeError(
-                f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}"
+                "example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                f"got {type(example_inputs).__name__}"
             )
         _capture_now(opt, tuple(example_inputs))
     return opt

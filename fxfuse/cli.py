@@ -41,12 +41,15 @@ def load_factory(spec: str) -> Callable:
     return target
 
 
-def build(spec: str) -> tuple[torch.nn.Module, tuple]:
-    """Call a factory; it returns a model, or (model, example_inputs)."""
+def build(spec: str) -> tuple[torch.nn.Module, tuple | dict]:
+    """Call a factory; it returns (model, example_inputs): a tuple of positional inputs, a dict of keyword
+    inputs, or one tensor."""
     made = load_factory(spec)()
     if isinstance(made, torch.nn.Module):
         raise SystemExit(f"{spec} returned a model without example inputs; return (model, example_inputs)")
     model, inputs = made
+    if isinstance(inputs, dict):
+        return model, inputs
     return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 

@@ -287,6 +287,31 @@ def test_hugging_face_kv_cache_is_left_out_with_a_note(tmp_path):
     assert check.ok, check.reason
 
 
+def test_keyword_inputs_encoder_decoder(tmp_path):
+    # T5 needs decoder_input_ids as a keyword; the dict's keys name the ONNX inputs
+    transformers = pytest.importorskip("transformers")
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, attn_implementation="eager")  # fmt: skip
+    model = transformers.T5Model(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 9)), "decoder_input_ids": torch.randint(0, 100, (2, 5))}
+    result = fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert result.report.count("attention") == 3 and result.count("Attention") == 3, str(result)
+    assert [i.name for i in onnx.load(tmp_path / "m.onnx").graph.input] == list(inputs)
+    assert result.sites[0].location.startswith("encoder.block.0"), "module paths are the model's own"
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).last_hidden_state
+    check = compare(run_onnx(str(tmp_path / "m.onnx"), tuple(inputs.values()))[:1], [want], 1e-4)
+    assert check.ok, check.reason
+
+
+def test_keyword_inputs_need_identifier_keys(tmp_path):
+    model, (x,) = attention_models.CausalGPTBlock.make()
+    with pytest.raises(ValueError, match="identifiers"):
+        fxfuse.export_onnx(model, {"not valid": x}, tmp_path / "m.onnx")
+
+
 def test_hugging_face_gqa_with_dynamic_batch_and_sequence(tmp_path):
     model, inputs = _tiny_hf("llama")
     dims = {0: Dim("batch", max=8), 1: Dim("seq", min=2, max=32)}

@@ -145,6 +145,22 @@ def test_control_flow_kwargs_and_graph_breaks():
     assert fxfuse.report(opt).count("spp") >= 2
 
 
+class KeywordSPP(nn.Module):
+    def forward(self, x, *, scale=1.0, extra=None):
+        y = F.max_pool2d(x, 5, 1, 2)
+        out = torch.cat([x, y, F.max_pool2d(y, 5, 1, 2)], 1) * scale
+        return out if extra is None else out + extra
+
+
+def test_keyword_example_inputs_capture_now():
+    model, x = KeywordSPP(), torch.randn(2, 4, 12, 12)
+    extra = torch.randn(2, 12, 12, 12)
+    opt = fxfuse.optimize(model, {"x": x, "extra": extra, "scale": 2.0})
+    rep = fxfuse.report(opt)
+    assert rep.graphs == 1 and rep.count("spp") == 1, str(rep)  # captured by optimize, before any call
+    assert torch.equal(opt(x, extra=extra, scale=2.0), model(x, extra=extra, scale=2.0))
+
+
 def test_verify_false_is_reported():
     model, inputs = make_yolo_sppf()
     rep = fxfuse.report(fxfuse.optimize(model, inputs, verify=False))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import keyword
 import logging
 import os
 from collections import Counter
@@ -69,6 +70,41 @@ class OnnxExport:
     __repr__ = __str__
 
 
+class _Keywords(nn.Module):
+    """Calls `model(**dict(zip(names, args)))`: keyword example inputs (encoder-decoders, Whisper) become
+    positional ONNX inputs, named after the keywords. The model's children, parameters and buffers are
+    registered here under their own names, so module paths in the report and parameter names in the file
+    are the model's."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "wrapped", model)  # not a child: its children are ours
+        self.names = tuple(names)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+
+    def forward(self, *args):
+        return self.wrapped(**dict(zip(self.names, args, strict=True)))
+
+
+def _keywords(model: nn.Module, names: Sequence[str]) -> _Keywords:
+    """A `_Keywords` whose forward takes the keywords as named parameters (torch.export names the ONNX
+    inputs after them)."""
+    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier() or keyword.iskeyword(n)]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"keyword example inputs need distinct Python identifiers as keys, got {list(names)}")
+    params = ", ".join(names)
+    namespace: dict = {}
+    exec(f"def forward(self, {params}):\n    return _Keywords.forward(self, {params})", {"_Keywords": _Keywords},
+         namespace)  # fmt: skip
+    cls = type(f"Keywords_{type(model).__name__}", (_Keywords,), {"forward": namespace["forward"]})
+    return cls(model, names)
+
+
 def _unwrap(model: nn.Module, patterns, backend: str) -> tuple[nn.Module, Sequence[str] | None, str]:
     from fxfuse.api import OptimizedModule
 
@@ -97,17 +133,21 @@ def _without_kv_cache(model: nn.Module, notes: list[str]):
     """Hugging Face decoders return their KV cache (a DynamicCache object, not tensors) unless
     `config.use_cache` is off; torch.export cannot output it, and an ONNX file of one forward pass has no
     use for it. Export with the cache off (the hidden states are the same) and say so; restored after."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False):
+    # every config in the tree: an encoder-decoder's stacks hold copies of their own (T5)
+    found = (getattr(m, "config", None) for m in model.modules())
+    configs = {id(c): c for c in found if getattr(c, "use_cache", False) is True}
+    if not configs:
         yield
         return
-    config.use_cache = False
+    for config in configs.values():
+        config.use_cache = False
     notes.append("exported with config.use_cache=False: the KV cache object is not an ONNX output "
                  "(the model's other outputs are unchanged)")  # fmt: skip
     try:
         yield
     finally:
-        config.use_cache = True
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _capture(model: nn.Module, args: tuple, dynamic_shapes) -> torch.fx.GraphModule:
@@ -191,7 +231,7 @@ def _verify(result: OnnxExport, ep: torch.export.ExportedProgram, model: nn.Modu
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: Sequence[object] | torch.Tensor,
+    example_inputs: Sequence[object] | dict[str, object] | torch.Tensor,
     path: str | os.PathLike,
     *,
     opset: int = 23,
@@ -209,15 +249,25 @@ def export_onnx(
     those standard ops, so any runtime still runs it. `dynamic_shapes` is torch.export's argument.
     With `verify`, rewrites are verified as in `optimize`, the file passes `onnx.checker` (full check),
     and ONNX Runtime must match the PyTorch model within 1e-4 relative on the example inputs (and at a
-    second size of every dynamic dimension); otherwise ExportError.
+    second size of every dynamic dimension); otherwise ExportError. `example_inputs` may be a dict of
+    keyword arguments (encoder-decoders: input_ids=..., decoder_input_ids=...): they become ONNX inputs of
+    those names, in the dict's order, and `dynamic_shapes` may then be a dict keyed the same way.
     """
     if opset < 23:
         raise ValueError(f"opset={opset}: fused attention lowers to ONNX Attention, which needs opset >= 23")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     original, patterns, backend = _unwrap(model, patterns, backend)
+    inner = original
+    if isinstance(example_inputs, dict):
+        names = list(example_inputs)
+        args = tuple(example_inputs.values())
+        if isinstance(dynamic_shapes, dict):
+            dynamic_shapes = tuple(dynamic_shapes.get(name) for name in names)
+        original = _keywords(inner, names)
+    else:
+        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     path = os.fspath(path)
     notes: list[str] = []
-    with _eval_mode(original), _without_kv_cache(original, notes):
+    with _eval_mode(inner), _without_kv_cache(inner, notes):
         gm, report = _rewrite(original, args, dynamic_shapes, patterns, backend, verify)
         sites = plan_lowerings(gm)
         ep, result = _write(gm, args, dynamic_shapes, opset, path, sites, report, fused_nodes, optimize=True)
