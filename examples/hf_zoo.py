@@ -22,7 +22,7 @@ import fxfuse
 Factory = Callable[[], tuple[torch.nn.Module, dict]]
 
 
-def _zoo() -> dict[str, Factory]:
+def zoo() -> dict[str, Factory]:
     import transformers as t
 
     ids = lambda n=7: torch.randint(0, 99, (2, n))  # noqa: E731
@@ -98,16 +98,16 @@ def check(name: str, make: Factory) -> tuple[int, list[str], float]:
 
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
-    zoo = _zoo()
-    names = argv or list(zoo)
-    unknown = [n for n in names if n not in zoo]
+    models = zoo()
+    names = argv or list(models)
+    unknown = [n for n in names if n not in models]
     if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(zoo)}", file=sys.stderr)
+        print(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(models)}", file=sys.stderr)
         return 2
     worst = 0.0
     for name in names:
         start = time.perf_counter()
-        fused, rejected, err = check(name, zoo[name])
+        fused, rejected, err = check(name, models[name])
         worst = max(worst, err)
         print(f"{name:12s} fused {fused:2d}  rejected {len(rejected)}  max rel err {err:.1e}  "
               f"({time.perf_counter() - start:.1f} s)")  # fmt: skip

@@ -404,48 +404,16 @@ def test_hugging_face_eager_attention(name: str) -> None:
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-def _hf_more(name: str):
-    """More architectures as shipped (tiny random configs, eager attention): (model, kwargs, sites)."""
-    t = pytest.importorskip("transformers")
-    ids = lambda n=7: torch.randint(0, 99, (2, n))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 4:] = 0
-    common = dict(vocab_size=99, attn_implementation="eager")
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, **common)
-    seq2seq = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                   decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, **common)  # fmt: skip
-    if name == "falcon_in_place_scale":
-        model = t.FalconModel(t.FalconConfig(new_decoder_architecture=False, alibi=False, **small))
-        return model, dict(input_ids=ids(), attention_mask=mask), 2
-    if name == "bloom_alibi":
-        model = t.BloomModel(t.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
-        return model, dict(input_ids=ids(), attention_mask=mask), 2
-    if name == "bart_encoder_decoder":
-        model = t.BartModel(t.BartConfig(**seq2seq))
-        return model, dict(input_ids=ids(), attention_mask=mask, decoder_input_ids=ids(5)), 3
-    if name == "whisper_cross":
-        model = t.WhisperModel(t.WhisperConfig(pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
-                                               num_mel_bins=8, max_source_positions=8, **seq2seq))  # fmt: skip
-        return model, dict(input_features=torch.randn(2, 8, 16), decoder_input_ids=ids(5)), 3
-    if name == "swin_windows":
-        model = t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[2, 4],
-                                         window_size=4, attn_implementation="eager"))  # fmt: skip
-        return model, dict(pixel_values=torch.randn(2, 3, 32, 32)), 3
-    model = t.MistralModel(t.MistralConfig(num_key_value_heads=2, **small))
-    return model, dict(input_ids=ids(), attention_mask=mask), 2
+
+# More architectures as shipped, from examples/hf_zoo.py (tiny random configs, eager attention): sites each
+MORE_HF = {"falcon": 2, "bloom": 2, "bart": 3, "whisper": 3, "swin": 3, "mistral": 2}
 
 
-@pytest.mark.parametrize(
-    "name", ["falcon_in_place_scale", "bloom_alibi", "bart_encoder_decoder", "whisper_cross", "swin_windows",
-             "mistral_gqa_padding"],
-)  # fmt: skip
+@pytest.mark.parametrize("name", list(MORE_HF))
 def test_more_hugging_face_architectures(name: str) -> None:
-    torch.manual_seed(0)
-    model, kwargs, sites = _hf_more(name)
-    model.eval()
-    opt = fxfuse.optimize(model, patterns=["attention"])
-    with torch.no_grad():
-        want, got = model(**kwargs)[0], opt(**kwargs)[0]
-    rep = fxfuse.report(opt)
-    assert rep.count("attention") == sites and not rep.rejected(), str(rep)
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    pytest.importorskip("transformers")
+    from examples import hf_zoo
+
+    fused, rejected, err = hf_zoo.check(name, hf_zoo.zoo()[name])
+    assert fused == MORE_HF[name] and not rejected, (fused, rejected)
+    assert err < 1e-5

@@ -165,14 +165,11 @@ def _functional_inplace(n: Node, al: _Aliasing) -> Node | None:
     tensors = [a for a in (*operands, *n.kwargs.values()) if isinstance(a, Node)]
     if _val(x) is None or _val(n) is None or any(_val(t) is None or _val(t).dtype != _val(x).dtype for t in tensors):
         return None
-    later, node = set(), n.next
-    while node.op != "root":
-        later.add(node)
-        node = node.next
-    if any(u is not n and u not in later and _may_alias(u) for u in x.users):
+    # fx nodes compare by their position in the graph
+    if any(u < n and _may_alias(u) for u in x.users):
         return None  # an earlier view of s would see the write; an earlier plain read has its value already
     new = _insert(n, _INPLACE[n.target], n.args, n.kwargs)
-    for u in [u for u in x.users if u in later]:
+    for u in [u for u in x.users if u > n]:
         u.replace_input_with(x, new)
     return new
 
