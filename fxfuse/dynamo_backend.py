@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from fxfuse import families
 from fxfuse.backends import check_backend
 from fxfuse.passes.capture import aten_graph
-from fxfuse.passes.rewrite import FINDERS, check_whole_graph, rewrite_patterns
+from fxfuse.passes.rewrite import check_whole_graph, rewrite_patterns
 from fxfuse.report import Report
 
 
@@ -31,9 +32,9 @@ class Options:
     def __post_init__(self) -> None:
         check_backend(self.backend)
         if self.patterns is not None:
-            unknown = [p for p in self.patterns if p not in FINDERS]
+            unknown = [p for p in self.patterns if p not in families.FAMILIES]
             if unknown:
-                raise ValueError(f"unknown pattern(s) {unknown}; available: {', '.join(FINDERS)}")
+                raise ValueError(f"unknown pattern(s) {unknown}; available: {', '.join(families.names())}")
 
 
 def _warn(report: Report, message: str) -> None:

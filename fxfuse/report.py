@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-PATTERNS = ("attention", "linear_attention", "ssm_scan", "spp")
+from fxfuse import families
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Report:
 
         A site is counted once however often it was captured: dynamo captures the same code again for a
         new shape, dtype or grad mode, and each capture reports its rewrites (see `rewrites[i].graph`)."""
-        if pattern is not None and pattern not in PATTERNS:
-            raise ValueError(f"unknown pattern {pattern!r}; expected one of {', '.join(PATTERNS)}")
+        if pattern is not None:
+            families.family(pattern)  # raises for an unknown name, listing the known ones
         return len({key for key, r in self._keyed() if r.status == "applied" and pattern in (None, r.pattern)})
 
     def _keyed(self) -> list[tuple[tuple, Rewrite]]:
@@ -94,7 +94,8 @@ class Report:
             fmt = lambda row: "  ".join(str(v)[:w].ljust(w) for v, w in zip(row, widths)).rstrip()
             lines += [fmt(cols), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
         elif self.graphs:
-            lines.append("no attention / linear attention / ssm scan / spp sites found")
+            searched = " / ".join(sorted(f.title for f in families.FAMILIES.values()))
+            lines.append(f"no {searched} sites found")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

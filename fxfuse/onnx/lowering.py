@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxfuse.onnx.attention import attention_to_onnx, check_attention
-from fxfuse.onnx.spp import check_spp, spp_to_onnx
+from fxfuse import families
 from fxfuse.passes.capture import location
 
 
@@ -28,13 +27,14 @@ class Lowering:
 
 
 def _lowerings() -> dict[str, Lowering]:
-    import fxfuse.fusion.attention  # noqa: F401  registers torch.ops.fxfuse.attention
-    import fxfuse.fusion.spp  # noqa: F401  registers torch.ops.fxfuse.spp
-
-    return {
-        "fxfuse::spp": Lowering("spp", check_spp, spp_to_onnx),
-        "fxfuse::attention": Lowering("attention", check_attention, attention_to_onnx),
-    }
+    """Fused op name -> its lowering, for every registered family that has one."""
+    table = {}
+    for fam in families.FAMILIES.values():
+        if fam.onnx_check is None or fam.onnx_translate is None:
+            continue
+        families.load(fam.fusion + ":__name__")  # importing the module registers torch.ops.fxfuse.<op>
+        table[fam.op] = Lowering(fam.op_name, families.load(fam.onnx_check), families.load(fam.onnx_translate))
+    return table
 
 
 @dataclass

@@ -5,7 +5,6 @@ A pass here has the torch.fx shape `GraphModule -> PassResult`; what it did goes
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,25 +12,18 @@ import torch._guards
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from fxfuse import families
 from fxfuse.passes.capture import location
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.verify import Comparison, compare, random_like, run_cases, tolerance, without_dropout
 from fxfuse.report import Rewrite
 
-# Pattern family -> "module:function" of its matcher. Families register here and nowhere else.
-FINDERS: dict[str, str] = {
-    "spp": "fxfuse.passes.spp:find_spp",
-    "attention": "fxfuse.passes.attention:find_attention",
-}
 META_KEY = "fxfuse"  # our namespace in node.meta
 
 
 def finder(pattern: str) -> Callable:
-    """The matcher of one pattern family (imported on first use)."""
-    if pattern not in FINDERS:
-        raise ValueError(f"unknown pattern {pattern!r}; available: {', '.join(FINDERS)}")
-    module, func = FINDERS[pattern].split(":")
-    return getattr(importlib.import_module(module), func)
+    """The matcher of one pattern family (imported on first use; families live in `fxfuse.families`)."""
+    return families.load(families.family(pattern).finder)
 
 
 def _is_mutating(node: Node) -> bool:
@@ -166,7 +158,7 @@ def rewrite_patterns(
     gm = canonicalize(gm).graph_module
     rewrites: list[Rewrite] = []
     notes: list[str] = []
-    for pattern in FINDERS if patterns is None else patterns:
+    for pattern in families.names() if patterns is None else patterns:
         try:
             sites = finder(pattern)(gm, backend)
         except Exception as exc:  # one family's bug must not stop the others, nor the model

@@ -1,0 +1,58 @@
+"""The pattern families, registered in one place: the report, `patterns=`, `Report.count`, the CLI and ONNX
+export all read this table, so a family is added here once and everything lists the same set.
+
+Each entry names its layers by import path ("module:attribute") so importing this table costs nothing:
+the matcher, the module that registers the fused op, and the ONNX check/translation pair.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what users pass to `patterns=` and `Report.count`
+    title: str  # how the report names it ("linear attention")
+    finder: str  # "module:function": find_X(gm, backend) -> list[Site | Rejection]
+    op: str  # the fused op's qualified name, "fxfuse::attention"
+    fusion: str  # the module whose import registers the op
+    onnx_check: str | None = None  # "module:function": check(node) -> how it lowers, or raises ValueError
+    onnx_translate: str | None = None  # "module:function": the torch.onnx custom translation
+
+    @property
+    def op_name(self) -> str:
+        """The op's name inside the `fxfuse` namespace ("attention")."""
+        return self.op.split("::", 1)[1]
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("spp", "spp", "fxfuse.passes.spp:find_spp", "fxfuse::spp", "fxfuse.fusion.spp",
+               "fxfuse.onnx.spp:check_spp", "fxfuse.onnx.spp:spp_to_onnx"),
+        Family("attention", "attention", "fxfuse.passes.attention:find_attention", "fxfuse::attention",
+               "fxfuse.fusion.attention", "fxfuse.onnx.attention:check_attention",
+               "fxfuse.onnx.attention:attention_to_onnx"),
+    )
+}  # fmt: skip
+
+
+def names() -> tuple[str, ...]:
+    """Every registered family's name, in the order the driver runs them."""
+    return tuple(FAMILIES)
+
+
+def family(name: str) -> Family:
+    """The registered family `name`; a ValueError listing the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown pattern {name!r}; available: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def load(path: str) -> Callable:
+    """Import "module:attribute" and return the attribute."""
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
