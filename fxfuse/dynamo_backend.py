@@ -58,8 +58,10 @@ def optimize_graph(
         _warn(report, f"graph {graph_id}: could not re-trace to ATen ({type(exc).__name__}: {exc}); "
                       "it runs as dynamo captured it, unoptimized")
         return gm.forward
+    # the graph trains when autograd is on and an input (a parameter, say) requires grad
+    grad = [torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs]
     try:
-        aten, rewrites, notes = rewrite_patterns(aten, options.patterns, options.backend, options.verify)
+        aten, rewrites, notes = rewrite_patterns(aten, options.patterns, options.backend, options.verify, grad)
     except Exception as exc:  # a matcher bug must never break the user's model
         _warn(report, f"graph {graph_id}: pattern search failed ({type(exc).__name__}: {exc}); "
                       "it runs unoptimized")
@@ -84,8 +86,19 @@ def optimize_graph(
     if options.compile_rest:
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(aten, list(example_inputs))
+        try:
+            return compile_fx(aten, list(example_inputs))
+        except Exception as exc:
+            # Left to dynamo, this error would make it run the whole frame eagerly, as the user wrote it,
+            # while the report counted rewrites that never run: keep them, uncompiled.
+            _warn(report, f"graph {graph_id}: Inductor could not compile the rewritten graph "
+                          f"({type(exc).__name__}: {_first_line(exc)}); it runs rewritten but uncompiled")
     return aten
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def make_backend(options: Options, report: Report) -> Callable:

@@ -18,9 +18,11 @@ class Rewrite:
     location: str
     status: str
     reason: str = ""
-    max_rel_err: float | None = None
+    max_rel_err: float | None = None  # the fused result's error against the original run in float64
     backend: str = ""
     graph: int = 0
+    original_rel_err: float | None = None  # the original's own error against its float64 run
+    tolerance: float | None = None  # the dtype's relative tolerance the site was held to
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

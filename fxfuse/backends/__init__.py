@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+
+# Calls of fused ops by (op, implementation that ran), e.g. ("attention", "cpu"): what actually executed,
+# which a report or a test can hold against what was chosen. Read a block's calls with `counting_calls`.
+CALLS: Counter[tuple[str, str]] = Counter()
+_OPEN: list[Counter] = []
+
+
+def count_call(op: str, backend: str) -> None:
+    """Called by each fused op's dispatch with the implementation about to run."""
+    CALLS[(op, backend)] += 1
+    for counter in _OPEN:
+        counter[(op, backend)] += 1
+
+
+@contextlib.contextmanager
+def counting_calls() -> Iterator[Counter[tuple[str, str]]]:
+    """`with counting_calls() as calls: ...`: `calls[("attention", "cpu")]` counts the block's calls."""
+    counter: Counter[tuple[str, str]] = Counter()
+    _OPEN.append(counter)
+    try:
+        yield counter
+    finally:
+        _OPEN.remove(counter)
 
 
 def check_backend(backend: str) -> str:

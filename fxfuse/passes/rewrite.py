@@ -15,10 +15,21 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from fxfuse import families
 from fxfuse.passes.capture import location
 from fxfuse.passes.site import Rejection, Site
-from fxfuse.passes.verify import Comparison, compare, random_like, run_cases, tolerance, without_dropout
+from fxfuse.passes.verify import (
+    Comparison,
+    compare,
+    float64_copy,
+    judge,
+    random_like,
+    run_cases,
+    tolerance,
+    without_dropout,
+)
 from fxfuse.report import Rewrite
 
 META_KEY = "fxfuse"  # our namespace in node.meta
+# gm.meta key: per placeholder, whether the captured graph differentiates it (set by `rewrite_patterns`)
+REQUIRES_GRAD = "fxfuse_requires_grad"
 
 
 def finder(pattern: str) -> Callable:
@@ -74,7 +85,24 @@ def extract(gm: GraphModule, site: Site, region: list[Node]) -> tuple[GraphModul
     return GraphModule(gm, graph), GraphModule(gm, fused_graph)
 
 
+def differentiated(gm: GraphModule) -> set[Node]:
+    """Nodes the captured graph differentiates: those computed, with a floating result, from a placeholder
+    marked in `gm.meta[REQUIRES_GRAD]` (FakeTensor metadata does not keep `requires_grad`)."""
+    flags = gm.meta.get(REQUIRES_GRAD) or ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    marked = {n for n, f in zip(placeholders, flags) if f}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not any(a in marked for a in node.all_input_nodes):
+            continue
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and not val.is_floating_point()) and "detach" not in str(node.target):
+            marked.add(node)
+    return marked
+
+
 def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
+    """Run the extracted region and the fused op on random inputs (see `verify.run_cases`); the region's
+    backward too when the captured graph differentiates one of the site's inputs."""
     vals = [n.meta.get("val") for n in site.inputs]
     if not all(isinstance(v, torch.Tensor) for v in vals):
         return Comparison(False, float("inf"), "an input has no tensor metadata")
@@ -87,6 +115,7 @@ def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
     ]
     out_val = site.output.meta.get("val")
     rtol = tolerance(out_val.dtype if isinstance(out_val, torch.Tensor) else torch.float32, site.tolerance)
+    grads = differentiated(gm)
 
     def make_inputs(case: str, seed: int) -> list[torch.Tensor]:
         made = []
@@ -96,8 +125,10 @@ def verify_site(gm: GraphModule, site: Site, region: list[Node]) -> Comparison:
         return made
 
     original, fused = extract(gm, site, region)
+    needs_grad = [n in grads for n in site.inputs]
     with without_dropout(original, fused):
-        return run_cases(original, fused, make_inputs, rtol)
+        return run_cases(original, fused, make_inputs, rtol, truth=float64_copy(original), grad_inputs=needs_grad,
+                         names=[n.name for n in site.inputs])  # fmt: skip
 
 
 def _fake_mode(gm: GraphModule):
@@ -148,14 +179,18 @@ def rewrite_patterns(
     patterns: Sequence[str] | None,
     backend: str,
     verify: bool = True,
+    requires_grad: Sequence[bool] | None = None,
 ) -> tuple[GraphModule, list[Rewrite], list[str]]:
     """Canonicalize `gm`, then find, verify and apply every pattern family's sites (mutated in place).
 
     `gm` is any ATen-level graph with FakeTensor `meta["val"]`: from `capture.aten_graph` (optimize,
-    torch.compile) or from `torch.export` (ONNX export)."""
+    torch.compile) or from `torch.export` (ONNX export). `requires_grad[i]` says the graph will be
+    differentiated with respect to its i-th input (training): sites reached from one get their backward
+    verified too."""
     from fxfuse.passes.canonicalize import canonicalize
 
     gm = canonicalize(gm).graph_module
+    gm.meta[REQUIRES_GRAD] = list(requires_grad or ())
     rewrites: list[Rewrite] = []
     notes: list[str] = []
     for pattern in families.names() if patterns is None else patterns:
@@ -181,9 +216,11 @@ def rewrite_patterns(
             if verify:
                 check = verify_site(gm, site, region)
                 record.max_rel_err = None if check.max_rel_err == float("inf") else check.max_rel_err
+                record.original_rel_err, record.tolerance = check.original_rel_err, check.tolerance
                 if not check.ok:
                     record.reason = f"failed verification: {check.reason}"
                     continue
+                record.reason = check.note
             else:
                 record.reason = "not verified (verify=False)"
             apply_site(gm, site, region)
@@ -197,7 +234,8 @@ def check_whole_graph(
     original: Callable, rewritten: Callable, example_inputs: Sequence[object], rtol: float | None = None
 ) -> Comparison:
     """Run the graph as captured and the rewritten one on (clones of) the real example inputs; in-place
-    ops such as batch-norm statistics updates then touch the clones, not the user's buffers."""
+    ops such as batch-norm statistics updates then touch the clones, not the user's buffers. Where they
+    disagree by more than `rtol`, a float64 run of the captured graph decides, as in `verify.judge`."""
     clone = lambda xs: [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in xs]
     # Same seed on both sides for random ops the rewrites did not touch; dropout off.
     with torch.no_grad(), without_dropout(original, rewritten), torch.random.fork_rng(devices=[]):
@@ -205,7 +243,18 @@ def check_whole_graph(
         want = original(*clone(example_inputs))
         torch.manual_seed(0)
         got = rewritten(*clone(example_inputs))
-    dtypes = [w.dtype for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
-    low = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
-    # Rewrites compose: allow the sum of per-site tolerances' order of magnitude, not more.
-    return compare(got, want, rtol or (2e-2 if low else 1e-4))
+        dtypes = [w.dtype for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
+        low = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
+        # Rewrites compose: allow the sum of per-site tolerances' order of magnitude, not more.
+        rtol = rtol or (2e-2 if low else 1e-4)
+        check = compare(got, want, rtol)
+        if check.ok or check.max_rel_err == float("inf") or not isinstance(original, GraphModule):
+            return check
+        try:
+            torch.manual_seed(0)
+            wide = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                    for x in clone(example_inputs)]  # fmt: skip
+            truth = float64_copy(original)(*wide)
+        except Exception:
+            return check  # no float64 run (an op without a double kernel): agreement decides
+    return judge(got, want, truth, rtol)

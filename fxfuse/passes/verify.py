@@ -1,8 +1,11 @@
 """Verify: a candidate is run against its fused replacement on random inputs before it is applied.
 
 Inputs have the captured shapes and dtypes. The cases cover several seeds, large magnitudes and all-negative
-values (which is what tells -inf padding from zero padding, for one). Outputs must agree within a dtype-aware
-relative tolerance, with NaN and ±inf exactly where the original has them.
+values (which is what tells -inf padding from zero padding, for one). The truth is the original region run
+in float64: the fused result must be within a dtype-aware relative tolerance of it, or no more than FACTOR
+times further from it than the original at its own dtype is (a rewrite may be more accurate than the
+original, never clearly less), with NaN and ±inf exactly where the original has them. When the graph
+trains, the region's backward is judged the same way, through vector-Jacobian products.
 """
 
 from __future__ import annotations
@@ -46,9 +49,15 @@ def random_like(val: torch.Tensor, case: str, seed: int) -> torch.Tensor:
 
 @dataclass
 class Comparison:
+    """`max_rel_err`: the result's error (against the float64 truth, in `run_cases`); `original_rel_err`:
+    the original's own error against that truth; `note`: how the judgement was made, when not as usual."""
+
     ok: bool
     max_rel_err: float
     reason: str = ""
+    original_rel_err: float | None = None
+    tolerance: float | None = None
+    note: str = ""
 
 
 def compare(got: object, want: object, rtol: float) -> Comparison:
@@ -97,56 +106,193 @@ def compare(got: object, want: object, rtol: float) -> Comparison:
     return Comparison(False, err, f"max relative error {err:.2e} > tolerance {rtol:.0e}")
 
 
+# Accept a fused result no more than this many times further from the float64 truth than the original is:
+# two orderings of the same float computation differ in rounding by a small factor from draw to draw (1.5x
+# to 2x at saturated softmaxes), while a wrong rewrite is off by its mistake, which the normal-magnitude
+# cases, where the original is ~1e-7 from the truth, expose far above both the tolerance and 2x.
+FACTOR = 2.0
+# Gradients (only for graphs that train) are checked on fewer cases: a backward pass costs two forwards.
+GRAD_CASES: tuple[tuple[str, int], ...] = (("normal", 0), ("negative", 4))
+
+
+def float64_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`gm` with every floating dtype argument (`.to(float16)`, `softmax(..., dtype=float32)`) made float64,
+    so that inputs upcast to float64 stay float64 throughout: the truth a region is judged against."""
+    wide = lambda a: torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a  # noqa: E731
+    graph = torch.fx.Graph()
+    env: dict = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+        env[node].args = torch.fx.node.map_aggregate(env[node].args, wide)
+        env[node].kwargs = torch.fx.node.map_aggregate(env[node].kwargs, wide)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _upcast(xs: Sequence[object]) -> list[object]:
+    return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
+
+
+def _clones(xs: Sequence[object]) -> list[object]:
+    return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in xs]
+
+
+def _rel_err(x: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> float:
+    """compare()'s normwise relative error, max|x - truth| / max|truth|, over the entries `where`."""
+    if not where.any():
+        return 0.0
+    t = truth.detach().double()[where]
+    scale = t.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return float(((x.detach().double()[where] - t).abs().max() / scale).item())
+
+
+def judge(got: object, want: object, truth: object, rtol: float, what: str = "") -> Comparison:
+    """Accuracy of `got` (the fused result) against `truth` (the original run in float64), `want` (the
+    original at its own dtype) setting the bar.
+
+    Structure, dtypes, integer values and NaN/±inf positions must equal the original's exactly. Each
+    floating tensor is then judged on the entries finite in both the original and the truth (an original
+    that overflows does not wave the rest through): accepted when its error against the truth is within
+    `rtol`, or within FACTOR times the original's own error. `truth=None` (no float64 run) judges against
+    the original itself. `what` names the tensor in the reason ("gradient of input 0").
+    """
+    exact = compare(got, want, float("inf"))
+    if not exact.ok:
+        return Comparison(False, float("inf"), f"{what}: {exact.reason}" if what else exact.reason)
+    tree = torch.utils._pytree
+    gots, wants = tree.tree_leaves(got), tree.tree_leaves(want)
+    truths = tree.tree_leaves(truth) if truth is not None else wants
+    if len(truths) != len(wants):
+        truths = wants  # a float64 run that returns another structure tells nothing; judge on the original
+    worst = Comparison(True, 0.0, original_rel_err=0.0, tolerance=rtol)
+    for g, w, t in zip(gots, wants, truths):
+        if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != w.shape:
+            t = w
+        finite = torch.isfinite(w) & torch.isfinite(t)
+        mine, theirs = _rel_err(g, t, finite), _rel_err(w, t, finite)
+        worst.max_rel_err = max(worst.max_rel_err, mine)
+        worst.original_rel_err = max(worst.original_rel_err, theirs)
+        if mine > rtol and mine > FACTOR * theirs:
+            label = f"{what}: " if what else ""
+            return Comparison(
+                False, mine,
+                f"{label}relative error {mine:.2e} vs float64 > tolerance {rtol:.0e} and > {FACTOR:g}x the "
+                f"original's own {theirs:.2e}",
+                original_rel_err=theirs, tolerance=rtol,
+            )  # fmt: skip
+    return worst
+
+
 def run_cases(
     original: Callable,
     fused: Callable,
     make_inputs: Callable[[str, int], Sequence[object]],
     rtol: float,
     cases: Sequence[tuple[str, int]] = CASES,
+    truth: Callable | None = None,
+    grad_inputs: Sequence[bool] = (),
+    grad_cases: Sequence[tuple[str, int]] = GRAD_CASES,
+    names: Sequence[str] = (),
 ) -> Comparison:
-    """Run both callables on each case's inputs; the first failing case decides."""
-    worst = 0.0
+    """Run the original, the fused callable and the truth on each case's inputs; the first failure decides.
+
+    The truth is `truth` (default: `original`) run on the inputs with floating tensors upcast to float64.
+    The fused result must have NaN/±inf exactly where the original has them and elsewhere be within
+    `rtol` of the truth or no more than FACTOR times further from it than the original is (see `judge`).
+    When the truth cannot run (an op without a float64 kernel), the original at its own dtype is the
+    truth and the result says so in `note`.
+
+    `grad_inputs[i]` marks inputs the captured graph differentiates: on `grad_cases`, vector-Jacobian
+    products with one random cotangent per output are held to the same rule (`names` label the inputs).
+    The errors returned are the forward's, unless a gradient fails.
+    """
+    worst = Comparison(True, 0.0, original_rel_err=0.0, tolerance=rtol)
+    truth_fn = truth or original
     for case, seed in cases:
         inputs = make_inputs(case, seed)
-        with torch.no_grad():
-            want = original(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+        marked = [] if (case, seed) not in grad_cases else [
+            i for i, (x, g) in enumerate(zip(inputs, grad_inputs))
+            if g and isinstance(x, torch.Tensor) and x.is_floating_point()
+        ]  # fmt: skip
+        want = _forward(original, inputs, marked)
+        try:
+            got = _forward(fused, inputs, marked)
+        except Exception as exc:  # a fused op that fails on valid input is a rejection, not a crash
+            return Comparison(False, float("inf"), f"fused op raised {type(exc).__name__}: {exc}")
+        exact = None
+        if not worst.note:
             try:
-                got = fused(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs])
-            except Exception as exc:  # a fused op that fails on valid input is a rejection, not a crash
-                return Comparison(False, float("inf"), f"fused op raised {type(exc).__name__}: {exc}")
-        c = compare(got, want, rtol)
+                exact = _forward(truth_fn, _upcast(inputs), marked)
+            except Exception as exc:
+                worst.note = f"judged against the original (no float64 run: {type(exc).__name__}: {exc})"
+        c = judge(got[1], want[1], None if exact is None else exact[1], rtol)
+        if c.ok and marked:  # a failing backward decides; the errors recorded are the forward's
+            g = _judge_gradients(want, got, exact, marked, seed, rtol, names)
+            c = c if g.ok else g
         if not c.ok:
-            c = _at_least_as_accurate(original, inputs, got, want, rtol) or c
-        if not c.ok:
-            return Comparison(False, c.max_rel_err, f"{c.reason} (case {case}, seed {seed})")
-        worst = max(worst, c.max_rel_err)
-    return Comparison(True, worst)
+            return Comparison(False, c.max_rel_err, f"{c.reason} (case {case}, seed {seed})",
+                              c.original_rel_err, rtol, worst.note)  # fmt: skip
+        worst.max_rel_err = max(worst.max_rel_err, c.max_rel_err)
+        worst.original_rel_err = max(worst.original_rel_err, c.original_rel_err or 0.0)
+    if worst.note:
+        worst.original_rel_err = None
+    return worst
 
 
-def _at_least_as_accurate(original: Callable, inputs: Sequence[object], got, want, rtol: float) -> Comparison | None:
-    """For half-precision sites: the fused op (float32 accumulation) may differ from an fp16 original by
-    more than 1e-2 where the original itself is that far from the exact answer (large-magnitude scores).
-    Accept it when it is at least as close as the original to a float64 run of the original; else None."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
-    if not leaves or not all(t.dtype in (torch.float16, torch.bfloat16) for t in leaves):
-        return None
-    wide = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+def _forward(fn: Callable, inputs: Sequence[object], marked: Sequence[int]) -> tuple[list, object]:
+    """(the inputs fn ran on, its output): on clones, the `marked` ones requiring grad; no autograd
+    graph when none is marked."""
+    xs = _clones(inputs)
+    for i in marked:
+        xs[i].requires_grad_(True)
+    with torch.set_grad_enabled(bool(marked)):
+        return xs, fn(*xs)
+
+
+def _float_leaves(out: object) -> list[torch.Tensor]:
+    return [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+
+def _vjp(run: tuple[list, object], marked: Sequence[int], cotangents: Sequence[torch.Tensor]) -> list:
+    """Gradients of <output, cotangents> w.r.t. the `marked` inputs of a `_forward` run (zeros where
+    unused); each cotangent is cast to its output's dtype."""
+    xs, out = run
+    outs = _float_leaves(out)
+    pairs = [(o, c.to(device=o.device, dtype=o.dtype)) for o, c in zip(outs, cotangents) if o.requires_grad]
+    wanted = [xs[i] for i in marked]
+    grads = [None] * len(wanted)
+    if pairs:
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
+
+
+def _judge_gradients(want: tuple, got: tuple, exact: tuple | None, marked: Sequence[int], seed: int, rtol: float,
+                     names: Sequence[str]) -> Comparison:  # fmt: skip
+    """The region's backward, judged like its forward: one vector-Jacobian product per side, with the same
+    cotangents (drawn at the original's dtype; the truth gets those values in float64)."""
+    outs = _float_leaves(want[1])
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    want_grads = _vjp(want, marked, cots)
     try:
-        with torch.no_grad():
-            truth = original(*wide)
-        truth = torch.utils._pytree.tree_map(lambda t: t.to(leaves[0].dtype).double() if isinstance(t, torch.Tensor)
-                                             else t, truth)
-        as_half = lambda out: torch.utils._pytree.tree_map(
-            lambda t: t.double() if isinstance(t, torch.Tensor) else t, out)
-        mine = compare(as_half(got), truth, float("inf"))
-        theirs = compare(as_half(want), truth, float("inf"))
-    except Exception:
-        return None
-    if not mine.ok:
-        return None  # NaN/inf where the exact answer has none
-    if mine.max_rel_err <= max(rtol, theirs.max_rel_err):
-        return Comparison(True, mine.max_rel_err)
-    return None
+        got_grads = _vjp(got, marked, cots)
+    except Exception as exc:
+        return Comparison(False, float("inf"), f"fused op's backward raised {type(exc).__name__}: {exc}")
+    exact_grads = None
+    if exact is not None:
+        with contextlib.suppress(Exception):  # no float64 backward: judged against the original's gradients
+            exact_grads = _vjp(exact, marked, cots)
+    worst = Comparison(True, 0.0, original_rel_err=0.0, tolerance=rtol)
+    for k, i in enumerate(marked):
+        name = f"input {i}" + (f" ({names[i]})" if i < len(names) else "")
+        truth = None if exact_grads is None else exact_grads[k]
+        c = judge(got_grads[k], want_grads[k], truth, rtol, f"gradient of {name}")
+        if not c.ok:
+            return c
+        worst.max_rel_err = max(worst.max_rel_err, c.max_rel_err)
+        worst.original_rel_err = max(worst.original_rel_err, c.original_rel_err or 0.0)
+    return worst
 
 
 def _identity(x, *args, **kwargs):

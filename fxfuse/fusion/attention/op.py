@@ -11,7 +11,7 @@ import threading
 import torch
 from torch import Tensor
 
-from fxfuse.backends import check_backend, resolve
+from fxfuse.backends import check_backend, count_call, resolve
 from fxfuse.fusion.attention.reference import (
     SCORE_FNS,
     attention_reference,
@@ -149,6 +149,7 @@ def attention_op(
     check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
     args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     name = _choose(backend, q, k, v, score_fn, masked_value, dropout_p)
+    count_call("attention", "reference" if dropout_p > 0.0 else name)
     if dropout_p > 0.0:
         # Drawn from torch's generator (torch.manual_seed makes runs repeatable) and handed to
         # _setup_context, which runs right after this in the same thread, for the backward's replay.
@@ -200,6 +201,7 @@ def attention_backward_op(
     """(dq, dk, dv, dbias) in the inputs' dtypes; dbias is empty when not `bias_grad`."""
     args = (grad_out, q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     name = _choose(backend, q, k, v, score_fn, masked_value, dropout_p)
+    count_call("attention_backward", "reference" if dropout_p > 0.0 else name)
     if dropout_p > 0.0:
         dq, dk, dv, ds = attention_reference_backward(*args, dropout_p, dropout_seed)
         dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None

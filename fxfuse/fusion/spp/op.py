@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fxfuse.backends import check_backend, resolve
+from fxfuse.backends import check_backend, count_call, resolve
 
 from .reference import MODES, chain_steps, spp_reference
 
@@ -70,6 +70,7 @@ def _fast_forward(x: torch.Tensor, sizes: list[int], mode: str, backend: str) ->
 def spp_op(x: torch.Tensor, sizes: Sequence[int], mode: str, chained: bool, backend: str) -> torch.Tensor:
     check_spp_args(x, sizes, mode, chained, backend)
     out = _fast_forward(x, list(sizes), mode, backend)
+    count_call("spp", "reference" if out is None else resolve(backend, x.device))
     if out is None:
         out = spp_reference(x, sizes, mode, chained)
     # the fake impl promises a fresh contiguous tensor whatever the input layout
