@@ -162,7 +162,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             m = paired_ratio(lambda m=model, x=inputs: m(*x), lambda o=opt, x=inputs: o(*x), config)
         rows.append((name, fxfuse.report(opt).count(), m.ratio, m.q1, m.q3, err.max_rel_err))
     print(f"\nSpeedup: eager / optimized CPU time, 1 thread, median of {config.pairs} paired runs (this machine).")
-    print("whole model: optimized vs original output on the example inputs, both in the model's dtype")
+    print("whole model: optimized vs original output on the example inputs, same dtype (sites: vs float64)")
     print(f"{'model':<22}{'rewrites':>9}{'speedup':>9}{'  q1..q3':<15}{'whole model':>12}")
     for name, n, ratio, q1, q3, err in rows:
         print(f"{name:<22}{n:>9}{ratio:>8.2f}x  {q1:.2f}..{q3:.2f}   {err:>10.1e}")
