@@ -2,15 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from fxfuse.dynamo_backend import LAST_REPORT, Options, make_backend
+from fxfuse.dynamo_backend import Options, compiled_report, compiled_target, last_compiled_report, make_backend
 from fxfuse.report import Report
 
 RECOMPILE_LIMIT = 256
+VERBOSE_ENV = "FXFUSE_VERBOSE"  # =1: dynamo's own log of frames it could not capture, in full
+
+
+class _FallbackLog(logging.Filter):
+    """Holds back dynamo's "WON'T CONVERT" records (a frame it could not capture, with a traceback of
+    ~400 lines each); `summaries` keeps one line per frame instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("WON'T CONVERT"):
+            return True
+        where = message.splitlines()[0].removeprefix("WON'T CONVERT").strip()
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        self.summaries.append(f"could not capture {where} ({cause[:200]}); it ran eagerly")
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_fallbacks(report: Report) -> Iterator[None]:
+    """A call that fails in the user's own code (a wrong input shape) shows the user's error alone; a
+    frame dynamo could not capture while the call itself worked becomes one note and one warning.
+    FXFUSE_VERBOSE=1 leaves dynamo's log as it is."""
+    if os.environ.get(VERBOSE_ENV, "0") not in ("", "0"):
+        yield
+        return
+    logger, held = logging.getLogger("torch._dynamo.convert_frame"), _FallbackLog()
+    logger.addFilter(held)
+    try:
+        yield
+    finally:
+        logger.removeFilter(held)
+    for summary in held.summaries:  # reached only when the call returned
+        if summary not in report.notes:
+            report.notes.append(summary)
+            warnings.warn(f"fxfuse: {summary} (set {VERBOSE_ENV}=1 for dynamo's log)", stacklevel=4)
 
 
 class OptimizedModule(nn.Module):
@@ -42,7 +86,8 @@ class OptimizedModule(nn.Module):
         cfg.suppress_errors, cfg.recompile_limit = True, max(saved[1], RECOMPILE_LIMIT)
         cfg.accumulated_recompile_limit = max(saved[2], 4 * RECOMPILE_LIMIT)
         try:
-            out = self._compiled(*args, **kwargs)
+            with _quiet_fallbacks(self.fxfuse_report):
+                out = self._compiled(*args, **kwargs)
         finally:
             cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit = saved
         rep = self.fxfuse_report
@@ -54,6 +99,17 @@ class OptimizedModule(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return self.original.state_dict(*args, **kwargs)
+
+    # Names as in the original (and its state_dict), not under `original.`: code that pairs parameters
+    # by name (optimizer groups, weight decay filters, checkpoint tools) sees the same model.
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.original.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.original.named_buffers(prefix, recurse, remove_duplicate)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):
+        return self.original.named_modules(memo, prefix, remove_duplicate)
 
     def load_state_dict(self, *args, **kwargs):
         return self.original.load_state_dict(*args, **kwargs)
@@ -119,16 +175,21 @@ def optimize(
     return opt
 
 
-def report(model: nn.Module) -> Report:
-    """The report of an optimized model (or of the last `torch.compile(..., backend="fxfuse")`)."""
+def report(model: object) -> Report:
+    """The report of a model from `fxfuse.optimize`, or of one `torch.compile(model, backend="fxfuse")`
+    (a model or a function). It is live: graphs captured at later calls are added to it."""
     if isinstance(model, OptimizedModule):
         return model.fxfuse_report
+    target = compiled_target(model)
+    if target is not None:
+        return compiled_report(target)
     raise TypeError(
-        f"{type(model).__name__} was not produced by fxfuse.optimize; for torch.compile(backend='fxfuse') "
-        "use fxfuse.last_report()"
+        f"{type(model).__name__} was not produced by fxfuse.optimize or torch.compile; pass what one of "
+        "them returned"
     )
 
 
 def last_report() -> Report:
-    """The report accumulated by `torch.compile(model, backend="fxfuse")` in this process."""
-    return LAST_REPORT
+    """The report of the model most recently compiled by `torch.compile(..., backend="fxfuse")` (each
+    compiled model has its own: `fxfuse.report(compiled)`)."""
+    return last_compiled_report()

@@ -15,6 +15,8 @@ import io
 import keyword
 import logging
 import os
+import textwrap
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from fxfuse.onnx.lowering import ExportError, LoweredSite, plan_lowerings, trans
 from fxfuse.passes.capture import export_graph
 from fxfuse.passes.rewrite import rewrite_patterns
 from fxfuse.passes.verify import compare
-from fxfuse.report import Report
+from fxfuse.report import WIDTH, Report, fit, location_parts
 
 
 @dataclass
@@ -50,20 +52,25 @@ class OnnxExport:
     def __str__(self) -> str:
         total = sum(self.node_counts.values())
         top = ", ".join(f"{k} {v}" for k, v in sorted(self.node_counts.items(), key=lambda kv: -kv[1])[:12])
-        lines = [f"ONNX export: {self.path} ({total} nodes: {top})"]
+        lines = textwrap.wrap(f"ONNX export: {self.path} ({total} nodes: {top})", WIDTH, subsequent_indent="  ")
         if self.sites:
             lines.append(f"{len(self.sites)} fused op(s) lowered:")
-            lines += [f"  {s.op:<10} {s.location}  ->  {s.lowered_as}" for s in self.sites]
+            for s in self.sites:
+                where, code = location_parts(s.location)
+                lines += textwrap.wrap(f"{s.op} at {where} -> {s.lowered_as}", WIDTH, initial_indent="  ",
+                                       subsequent_indent="      ")  # fmt: skip
+                lines += [] if code is None else [fit(f"      {code}")]
         else:
             lines.append("no fused ops: the file is the plain export of the model")
         if any(op.startswith("fxfuse.") for op in self.node_counts):
             lines.append("fused ops kept as fxfuse-domain nodes (ONNX local functions of standard ops)")
         if self.max_rel_err:
             errs = "; ".join(f"{k}: {v:.1e}" for k, v in self.max_rel_err.items())
-            lines.append(f"ONNX Runtime vs PyTorch, max relative error (tolerance {RTOL:.0e}): {errs}")
+            text = f"ONNX Runtime vs PyTorch, max relative error (tolerance {RTOL:.0e}): {errs}"
+            lines += textwrap.wrap(text, WIDTH, subsequent_indent="  ")
         else:
             lines.append("not verified in ONNX Runtime (verify=False)")
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [w for n in self.notes for w in textwrap.wrap(f"note: {n}", WIDTH, subsequent_indent="      ")]
         lines += ["", str(self.report)]
         return "\n".join(lines)
 
@@ -116,6 +123,34 @@ def _unwrap(model: nn.Module, patterns, backend: str) -> tuple[nn.Module, Sequen
     return model, patterns, backend
 
 
+def check_writable(path: str) -> None:
+    """Fail before exporting (which takes seconds to minutes) when `path` cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give a file name such as {os.path.join(path, 'model.onnx')}")
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a directory")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {path}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: permission denied")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx lists the torchvision ops it skips when torchvision is absent (at warning level), and
+    torch.export trips over its own deprecated `LeafSpec` check: neither concerns the user's export."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Export runs in inference (dropout off, batch-norm statistics frozen); the mode is restored after."""
@@ -163,6 +198,8 @@ def _capture(model: nn.Module, args: tuple, dynamic_shapes) -> torch.fx.GraphMod
 def _rewrite(model: nn.Module, args: tuple, dynamic_shapes, patterns, backend: str, verify: bool):
     """torch.export + the pattern passes; returns the rewritten module and its report."""
     gm, rewrites, notes = rewrite_patterns(_capture(model, args, dynamic_shapes), patterns, backend, verify)
+    for r in rewrites:
+        r.graph = 1  # torch.export captures one graph; numbered as optimize numbers its first
     report = Report(rewrites=rewrites, notes=list(notes), graphs=1, verified=verify)
     applied = [r for r in rewrites if r.status == "applied"]
     if verify and applied:
@@ -255,6 +292,14 @@ def export_onnx(
     """
     if opset < 23:
         raise ValueError(f"opset={opset}: fused attention lowers to ONNX Attention, which needs opset >= 23")
+    path = os.fspath(path)
+    check_writable(path)
+    with _quiet_exporter():
+        return _export(model, example_inputs, path, opset, dynamic_shapes, verify, fused_nodes, patterns, backend)
+
+
+def _export(model, example_inputs, path: str, opset: int, dynamic_shapes, verify: bool, fused_nodes: bool,
+            patterns, backend: str) -> OnnxExport:  # fmt: skip
     original, patterns, backend = _unwrap(model, patterns, backend)
     inner = original
     if isinstance(example_inputs, dict):
@@ -265,7 +310,6 @@ def export_onnx(
         original = _keywords(inner, names)
     else:
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    path = os.fspath(path)
     notes: list[str] = []
     with _eval_mode(inner), _without_kv_cache(inner, notes):
         gm, report = _rewrite(original, args, dynamic_shapes, patterns, backend, verify)

@@ -88,7 +88,9 @@ def _source_line(node: torch.fx.Node) -> str:
     for path, line, _func, code in reversed(frames):
         if "/torch/" in path or "/fxfuse/" in path:
             continue
-        return f"{path.rsplit('/', 1)[-1]}:{line} `{code.strip()[:60]}`"
+        code = code.strip()
+        code = code if len(code) <= 90 else code[:89] + "…"  # the report shows it on a line of its own
+        return f"{path.rsplit('/', 1)[-1]}:{line} `{code}`"
     return ""
 
 
