@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -121,3 +122,14 @@ def test_exporter_noise_is_silenced_only_inside_the_export(caplog):
         logger.warning("after")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
     assert [r.getMessage() for r in caplog.records] == ["after"] and len(caught) == 1
+
+
+def test_export_to_an_unwritable_path_fails_before_exporting(tmp_path):
+    model, x = SPPF(4, 4).eval(), torch.randn(1, 4, 8, 8)
+    (tmp_path / "file").write_text("")
+    cases = [(tmp_path / "no_dir" / "m.onnx", FileNotFoundError, "does not exist"),
+             (tmp_path, IsADirectoryError, "is a directory"),
+             (tmp_path / "file" / "m.onnx", NotADirectoryError, "is a file, not a directory")]  # fmt: skip
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            fxfuse.export_onnx(model, (x,), path)
