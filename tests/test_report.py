@@ -133,3 +133,13 @@ def test_export_to_an_unwritable_path_fails_before_exporting(tmp_path):
     for path, error, message in cases:
         with pytest.raises(error, match=message):
             fxfuse.export_onnx(model, (x,), path)
+
+
+def test_a_site_captured_for_many_shapes_stays_one_short_row():
+    rewrites = [Rewrite("spp", "sizes 1/5/9/13", "pool (m.py:3 `y = f(x)`)", "applied", "", 0.0, backend="cpu",
+                        graph=g) for g in [*range(1, 40), 41, 43]]  # fmt: skip
+    lines = _lines(str(Report(rewrites=rewrites, graphs=43)))
+    assert lines[2].split()[:5] == ["spp", "applied", "cpu", "0.0e+00", "1-39,41,43"]
+    rewrites += [Rewrite("spp", "sizes 1/5/9/13", "pool (m.py:3 `y = f(x)`)", "applied", "", 0.0, backend="cpu",
+                         graph=g) for g in range(45, 60, 2)]  # fmt: skip
+    assert "1-39,41,4…" in str(Report(rewrites=rewrites, graphs=60))
