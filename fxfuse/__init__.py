@@ -1,8 +1,12 @@
-"""fxfuse: finds attention and spatial-pyramid-pooling patterns in PyTorch models, proves each rewrite on
-random inputs and replaces it with a fused op.
+"""fxfuse: finds the patterns registered in `fxfuse.families` (attention, spatial pyramid pooling, ...) in
+PyTorch models, proves each rewrite on random inputs and replaces it with a fused op.
 
     opt = fxfuse.optimize(model, example_inputs)
     print(fxfuse.report(opt))
+
+    compiled = torch.compile(model, backend="fxfuse")
+    compiled(*example_inputs)
+    print(fxfuse.report(compiled))     # each compiled model has its own; fxfuse.last_report(): the latest
 """
 
 __version__ = "0.1.0"

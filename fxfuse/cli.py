@@ -59,7 +59,7 @@ def _import(module_ref: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name + ".").startswith(exc.name + "."):  # the module itself, not its imports
             raise CliError(
                 f"cannot import {module_ref!r}: no module {exc.name!r} (run from the folder that holds it, "
                 "or give a file path such as ./mymodels.py:make_model)"

@@ -132,6 +132,18 @@ def _figure(values: list[float | None]) -> str:
     return f"{max(known):.1e}" if known else "-"
 
 
+def _graph_list(ids: list[int]) -> str:
+    """[1, 2, 3, 5, 6] -> "1-3,5,6", at most 10 columns: a site captured for many shapes stays one short cell."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    cells = (str(a) if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in runs)
+    return fit(",".join(cells), 10)
+
+
 def _site_table(keyed: list[tuple[tuple, Rewrite]]) -> list[str]:
     """One row per site and outcome (a re-capture for a new shape or grad mode lists its graph in the
     same row), then where the site is and, for a rejection, why."""
@@ -153,12 +165,12 @@ def _site_table(keyed: list[tuple[tuple, Rewrite]]) -> list[str]:
             "error": _figure([g.max_rel_err for g in group]),
             "original": _figure([g.original_rel_err for g in group]),
             "tolerance": _figure([g.tolerance for g in group]),
-            "graphs": ",".join(str(g.graph) for g in group), "variant": r.variant,
+            "graphs": _graph_list([g.graph for g in group]), "variant": r.variant,
         }  # fmt: skip
         rows.append(([cells[c] for c in cols], r))
     widths = [max(len(c), *(len(cells[i]) for cells, _ in rows)) for i, c in enumerate(cols[:-1])]
     start = sum(widths) + 2 * len(widths)
-    variant_width = max(WIDTH - start, 16)
+    variant_width = max(WIDTH - start, 12)
     fmt = lambda cells: "  ".join(v.ljust(w) for v, w in zip(cells, widths))
     lines = [(fmt(cols[:-1]) + "  " + cols[-1]).rstrip()]
     for cells, r in rows:

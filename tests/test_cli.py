@@ -36,14 +36,14 @@ print(json.dumps(results))
 """
 
 FILES = {
-    "helper.py": """
+    "blocks.py": """
         import torch
         def pool():
             return torch.nn.MaxPool2d(5, 1, 2)
     """,
     "mymodels.py": """
         import torch
-        from helper import pool  # a sibling module, as `python mymodels.py` would find it
+        from blocks import pool  # a sibling module, as `python mymodels.py` would find it
 
         class Pyramid(torch.nn.Module):
             def __init__(self):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +107,18 @@ def test_capture_leaves_model_state_untouched_and_shares_parameters():
     assert all(p is q for p, q in zip(opt.parameters(), model.parameters()))
 
 
+def test_parameter_buffer_and_module_names_are_the_originals():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SPPF(4, 4)).eval()
+    opt = fxfuse.optimize(model, (torch.randn(1, 3, 8, 8),))
+    params, buffers = dict(opt.named_parameters()), dict(opt.named_buffers())
+    assert list(params) == [n for n, _ in model.named_parameters()] and "1.cv1.conv.weight" in params
+    assert all(params[n] is p for n, p in model.named_parameters())
+    assert list(buffers) == [n for n, _ in model.named_buffers()] and "1.cv1.bn.running_mean" in buffers
+    assert set(params) | set(buffers) == set(opt.state_dict())  # pair by name with state_dict keys
+    assert dict(opt.named_modules())["1.cv1"] is model[1].cv1
+    assert list(dict(opt.named_parameters(prefix="m", recurse=False))) == []  # arguments pass through
+
+
 def test_training_gradients_match_eager():
     torch.manual_seed(0)
     model = nn.Sequential(ConvBnAct(3, 8, 3), SPPF(8, 4)).train()
@@ -191,11 +206,85 @@ def test_untraceable_model_still_runs():
 def test_torch_compile_backend_registered():
     torch._dynamo.reset()  # earlier tests filled dynamo's per-code cache for this class (limit 8)
     model, inputs = make_yolo_sppf()
-    before = fxfuse.last_report().count("spp")
     compiled = torch.compile(model, backend="fxfuse", dynamic=False)
     with torch.no_grad():
         assert torch.equal(compiled(*inputs), model(*inputs))
-    assert fxfuse.last_report().count("spp") == before + 1
+    assert fxfuse.report(compiled).count("spp") == 1
+    assert fxfuse.last_report() is fxfuse.report(compiled)
+
+
+def test_each_torch_compile_has_its_own_report():
+    torch._dynamo.reset()
+    first, second = nn.Sequential(SPPF(4, 4), SPPF(4, 4)).eval(), SPPF(4, 4).eval()
+    x = torch.randn(1, 4, 8, 8)
+    c1, c2 = (torch.compile(m, backend="fxfuse", dynamic=False) for m in (first, second))
+    rep1 = fxfuse.report(c1)
+    assert str(rep1).startswith("fxfuse report: not captured yet")
+    with torch.no_grad():
+        c1(x)
+        c2(x)
+        c1(x)
+    assert fxfuse.report(c1) is rep1 and rep1.count("spp") == 2 and rep1.graphs == 1  # live, not reset
+    assert fxfuse.report(c2).count("spp") == 1 and fxfuse.report(c2).graphs == 1  # no accumulation
+    assert fxfuse.last_report() is fxfuse.report(c2)
+    fn = torch.compile(lambda t: torch.cat([t, F.max_pool2d(t, 5, 1, 2)], 1), backend="fxfuse", dynamic=False)
+    fn(x)
+    assert fxfuse.report(fn).count("spp") == 1 and fxfuse.last_report() is fxfuse.report(fn)
+    with pytest.raises(TypeError, match="not produced by fxfuse.optimize or torch.compile"):
+        fxfuse.report(first)
+
+
+WRONG_SHAPE = """
+import traceback, torch, fxfuse
+from torch import nn
+from examples.spp_models import SPPF
+model = nn.Sequential(nn.Conv2d(3, 4, 1), SPPF(4, 4)).eval()
+opt = fxfuse.optimize(model, (torch.randn(1, 3, 8, 8),))
+x = torch.randn(1, 5, 8, 8)  # 5 channels where the model takes 3
+try:
+    model(x)
+except RuntimeError:
+    print(len(traceback.format_exc().splitlines()))  # the eager model's own traceback
+opt(x)
+"""
+
+
+def test_wrong_input_shows_the_users_error_alone():
+    env = {k: v for k, v in os.environ.items() if k != "FXFUSE_VERBOSE"}
+    out = subprocess.run([sys.executable, "-c", WRONG_SHAPE], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1], env=env)  # fmt: skip
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and lines[0] == "Traceback (most recent call last):", out.stderr[-3000:]
+    assert lines[-1].startswith("RuntimeError: Given groups=1") and "WON'T CONVERT" not in out.stderr
+    # the eager traceback plus the frames of the optimized module's call (a handful), nothing else
+    assert len(lines) <= int(out.stdout) + 30, out.stderr
+
+
+def test_uncapturable_frame_is_one_note_or_dynamos_full_log(monkeypatch, caplog):
+    from fxfuse.api import _quiet_fallbacks
+
+    def dynamo_gives_up():
+        try:
+            raise RuntimeError("tracing failed\nwith details")
+        except RuntimeError:
+            logging.getLogger("torch._dynamo.convert_frame").warning(
+                "WON'T CONVERT forward /src/model.py line 12 \ndue to: \nTraceback ...", exc_info=True
+            )
+
+    rep = fxfuse.Report()
+    with pytest.warns(UserWarning, match="could not capture forward /src/model.py line 12"):
+        with caplog.at_level(logging.WARNING), _quiet_fallbacks(rep):
+            dynamo_gives_up()  # the call itself then worked: one note, one warning
+    assert rep.notes == ["could not capture forward /src/model.py line 12 (RuntimeError: tracing failed); "
+                         "it ran eagerly"] and not caplog.records  # fmt: skip
+    with pytest.raises(ValueError), _quiet_fallbacks(rep):
+        dynamo_gives_up()
+        raise ValueError("the user's own error")  # then it stands alone: no note, no warning
+    assert len(rep.notes) == 1
+    monkeypatch.setenv("FXFUSE_VERBOSE", "1")
+    with caplog.at_level(logging.WARNING), _quiet_fallbacks(rep):
+        dynamo_gives_up()
+    assert "WON'T CONVERT" in caplog.text and len(rep.notes) == 1
 
 
 def test_entry_point_registers_backend_without_import():
