@@ -10,7 +10,7 @@ import time
 import pytest
 
 from fxfuse.bench import Registry, SkipCase, TimingConfig, check, load_baseline, paired_ratio, write_baseline
-from fxfuse.bench.cli import gate, main, render_table, run_suite
+from fxfuse.bench.cli import gate, main, pool_rounds, render_table, run_suite
 from fxfuse.bench.gpu import (
     attention_flops,
     attention_shape,
@@ -27,8 +27,9 @@ BASELINE = {"op/attention": 3.0, "op/spp": 2.0, "model/no-pattern": 1.0}
 FLOORS = {"model/no-pattern": 0.95}
 
 
-def synthetic(ratio: float) -> Measurement:
-    ratios = [ratio * f for f in (0.96, 0.98, 1.0, 1.0, 1.02, 1.04, 0.99)]
+def synthetic(ratio: float, pairs: int = 7) -> Measurement:
+    spread = (0.96, 0.98, 1.0, 1.0, 1.02, 1.04, 0.99)
+    ratios = [ratio * spread[i % len(spread)] for i in range(pairs)]
     q1, med, q3 = quartiles(ratios)
     return Measurement(med, q1, q3, min(ratios), max(ratios), len(ratios), 1, 1e-3 * ratio, 1e-3, ratios)
 
@@ -154,6 +155,7 @@ def test_cli_fails_on_a_real_injected_slowdown_and_names_the_case(tmp_path, caps
     )
     captured = capsys.readouterr()
     assert "REGRESSION fake/sleep" in captured.out and "measuring again with 15 pairs" in captured.err
+    assert "both pooled" in captured.err
 
 
 def broken_registry() -> Registry:
@@ -219,7 +221,7 @@ def test_a_failing_case_is_measured_again_with_more_pairs_and_that_decides(monke
 
     def fake_paired_ratio(base, opt, config):
         pairs.append(config.pairs)
-        return synthetic(3.0 * (0.7 if len(pairs) == 1 else second))
+        return synthetic(3.0 * (0.7 if len(pairs) == 1 else second), config.pairs)
 
     monkeypatch.setattr("fxfuse.bench.cli.paired_ratio", fake_paired_ratio)
     config = TimingConfig(pairs=7)
@@ -227,8 +229,9 @@ def test_a_failing_case_is_measured_again_with_more_pairs_and_that_decides(monke
     outcome = gate(one_case_registry(), results, {"fake/op": 3.0}, DEFAULT_TOLERANCE, config)
     assert pairs == [7, 7 * RECHECK_PAIRS_FACTOR]
     assert outcome.ok is ok
-    record = results["cases"][0]
-    assert record["first"]["ratio"] == pytest.approx(2.1) and record["ratio"] == pytest.approx(3.0 * second)
+    record = results["cases"][0]  # both measurements pooled: the second one's 21 pairs outvote the first's 7
+    assert record["round_medians"] == pytest.approx([2.1, 3.0 * second]) and record["pairs"] == 28
+    assert record["ratio"] == pytest.approx(3.0 * second, rel=0.03)
 
 
 def test_baseline_records_this_runs_medians_up_or_down_never_a_ratchet(tmp_path):
@@ -251,6 +254,16 @@ def test_baseline_records_this_runs_medians_up_or_down_never_a_ratchet(tmp_path)
     assert data["source"]["machine"] == {"cpu_count": 2} and "never lowered" in data["how"]
     write_baseline(run(c=1.2), path, previous=path)  # --cases: one entry added, the others kept
     assert load_baseline(path) == {"a": 3.6, "b": 1.5, "c": 1.2}
+
+
+def test_rounds_pool_each_cases_pairs(monkeypatch):
+    # Three rounds at 2.0x, 3.0x and 2.5x: the pooled median is the middle round's level, not the lowest.
+    levels = iter([2.0, 3.0, 2.5])
+    monkeypatch.setattr("fxfuse.bench.cli.paired_ratio", lambda base, opt, config: synthetic(next(levels)))
+    rounds = [run_suite(one_case_registry(), quick=True, config=TimingConfig(pairs=7)) for _ in range(3)]
+    record = pool_rounds(rounds)["cases"][0]
+    assert record["pairs"] == 21 and record["round_medians"] == [2.0, 3.0, 2.5]
+    assert record["ratio"] == pytest.approx(2.5) and record["q1"] < record["ratio"] < record["q3"]
 
 
 def test_baselines_of_the_old_rule_or_of_another_kind_of_run_are_refused(tmp_path, capsys):

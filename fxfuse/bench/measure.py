@@ -161,6 +161,32 @@ def plan_sample(
     return SamplePlan(1, group, unit_s).covering(sample_s, max_inner)
 
 
+# Sides whose calls take within this factor of each other get one plan: the fastest of more tries is
+# faster, so unequal numbers of tries (calibrated on a noisy clock) would tilt a ratio near 1.0 either way.
+COMPARABLE = 1.5
+
+
+def plan_pair(
+    baseline: Callable[[], object],
+    optimized: Callable[[], object],
+    sample_s: float,
+    max_inner: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[SamplePlan, SamplePlan]:
+    """Sample plans of both sides: one shared plan when their calls take about as long (a model with
+    nothing to fuse), else each side's own, the faster side's covering FAST_SIDE_SHARE of the slower
+    side's unit (a 7 ms fused op gets ~11 tries next to a 300 ms eager one)."""
+    base = plan_sample(baseline, sample_s, max_inner, clock)
+    opt = plan_sample(optimized, sample_s, max_inner, clock)
+    call_s = sorted((base.unit_s / base.group, opt.unit_s / opt.group))
+    if call_s[1] <= COMPARABLE * call_s[0]:
+        group = max(base.group, opt.group)
+        shared = SamplePlan(1, group, group * call_s[1]).covering(sample_s, max_inner)
+        return shared, shared
+    base_share, opt_share = FAST_SIDE_SHARE * opt.unit_s, FAST_SIDE_SHARE * base.unit_s
+    return base.covering(base_share, max_inner), opt.covering(opt_share, max_inner)
+
+
 def fastest_unit(fn: Callable[[], object], plan: SamplePlan, clock: Callable[[], float]) -> float:
     """Seconds per call of the fastest of the plan's units.
 
@@ -212,19 +238,14 @@ def paired_ratio(
 ) -> Measurement:
     """Median of per-pair ratios baseline_time / optimized_time after warm-up of both sides.
 
-    Each side's sample is its fastest unit (`fastest_unit`) over about `config.sample_s`, and the faster
-    side's over at least FAST_SIDE_SHARE of the slower side's unit: a 7 ms fused op gets ~11 tries next
-    to a 300 ms eager one.
+    Each side's sample is its fastest unit (`fastest_unit`) over about `config.sample_s` (`plan_pair`).
     """
     with steady_allocator():
         for _ in range(config.warmup):
             baseline()
             optimized()
         max_inner, clock = config.max_inner, CLOCKS[config.clock]
-        base_plan = plan_sample(baseline, config.sample_s, max_inner, clock)
-        opt_plan = plan_sample(optimized, config.sample_s, max_inner, clock)
-        base_plan = base_plan.covering(FAST_SIDE_SHARE * opt_plan.unit_s, max_inner)
-        opt_plan = opt_plan.covering(FAST_SIDE_SHARE * base_plan.unit_s, max_inner)
+        base_plan, opt_plan = plan_pair(baseline, optimized, config.sample_s, max_inner, clock)
         ratios, base_times, opt_times = [], [], []
         gc_was_enabled = gc.isenabled()
         gc.collect()

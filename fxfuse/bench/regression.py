@@ -10,8 +10,9 @@ enforces):
   fused side 25% slower (median 0.75 x baseline) fails, a 10% wobble passes.
 - A case with a floor fails below that absolute ratio whatever the baseline says: the models with
   nothing to fuse must come back from `optimize` no slower than 0.95x.
-- A case that fails either way is measured once more with three times the pairs before it counts; the
-  second measurement decides (a burst of load from another job passes, a real regression shows twice).
+- A case that fails either way is measured once more with three times the pairs before it counts, and
+  the median of both measurements' pairs pooled decides (a burst of load from another job in the first
+  is outvoted by the second, a real regression is in both).
 - A case that cannot run (any exception, ImportError and SkipCase included) fails with its error, a
   baseline case that did not run fails, and a case missing from the baseline fails: an unchecked case
   guards nothing. Record a new case with `fxfuse bench --quick --cases NAME --write-baseline FILE`
@@ -39,8 +40,8 @@ BASELINE_RULE = (
     "median: the median paired ratio of the run that wrote the entry (q1, q3: its quartiles), recorded as "
     "measured (never lowered to an older value). A case fails when its median is below (1 - tolerance) x "
     f"this median (tolerance {DEFAULT_TOLERANCE}), or below its absolute floor (models with nothing to fuse: "
-    f"{NO_PATTERN_FLOOR}x), confirmed by a second measurement with {RECHECK_PAIRS_FACTOR}x the pairs; a case "
-    "that errors, a baseline case not run and a case not in the baseline fail too."
+    f"{NO_PATTERN_FLOOR}x), confirmed by a second measurement with {RECHECK_PAIRS_FACTOR}x the pairs (the "
+    "pairs of both pooled); a case that errors, a baseline case not run and a case not in the baseline fail too."
 )
 
 
@@ -149,6 +150,8 @@ def write_baseline(results: dict, path: str | Path, *, previous: str | Path | No
             "pairs": c["pairs"],
             "date": results["date"],
         }
+        if "round_medians" in c:
+            cases[c["name"]]["round_medians"] = [round(r, 3) for r in c["round_medians"]]
     data = {
         "suite": results["suite"],
         "quick": results["quick"],
