@@ -192,7 +192,7 @@ def fastest_unit(fn: Callable[[], object], plan: SamplePlan, clock: Callable[[],
 
     Interference from other jobs (a neighbour evicting the cache, taking memory bandwidth) only ever
     adds time, and it hits a memory-bound fused op much harder than the compute-bound code it replaces:
-    measured on `op/spp[sppf-chain]`, the eager side's per-call CPU time stayed within +-8% while the
+    measured on `op/spp[sppf-chain,8x256x20x20]`, the eager side's per-call CPU time stayed within +-8% while the
     fused side's swung 10-19 ms. The fastest unit of a sample is the call that ran undisturbed.
     """
     return min(_time(fn, plan.group, clock) for _ in range(plan.units))

@@ -1,9 +1,9 @@
 """The case registry: adding a benchmark is one decorated function returning (baseline_fn, optimized_fn).
 
-    @case("op/attention[1x8x1024x64]", quick=True, compile=True)
-    def attention_op():
-        q, k, v = ...
-        return lambda: eager(q, k, v), lambda: attention(q, k, v)
+    @case("op/my-op[4x256]", quick=True, compile=True)
+    def my_op():
+        x = torch.randn(4, 256)
+        return lambda: eager_version(x), lambda: fused_version(x)
 
 Setup runs only when the case is selected. A selected case that cannot run (its module does not import,
 its model fails to optimize, it raises `SkipCase`) is reported with its error and fails the run: a

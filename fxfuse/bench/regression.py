@@ -20,8 +20,9 @@ enforces):
 
 Baseline format (benchmarks/baselines/cpu.json):
     {"suite": "cpu", "quick": true, "how": "...", "source": {"date", "machine", "versions"},
-     "cases": {"op/spp[sppf-chain]": {"median": 16.3, "q1": 13.7, "q3": 18.3, "iqr_rel": 0.28,
-                                      "pairs": 15, "date": "..."}}}
+     "cases": {"op/spp[sppf-chain,1x256x20x20]": {"median": 21.8, "q1": 20.3, "q3": 22.7,
+                                                  "iqr_rel": 0.11, "pairs": 45, "date": "...",
+                                                  "round_medians": [21.5, 22.2, 21.8]}}}
 A results file written by `fxfuse bench --json` is accepted as a baseline too (its medians are used).
 """
 
