@@ -1,12 +1,16 @@
 """The case registry: adding a benchmark is one decorated function returning (baseline_fn, optimized_fn).
 
-    @case("op/attention[1x8x1024x64]", quick=True, compile=True)
-    def attention_op():
-        q, k, v = ...
-        return lambda: eager(q, k, v), lambda: attention(q, k, v)
+    @case("op/my-op[4x256]", quick=True, compile=True)
+    def my_op():
+        x = torch.randn(4, 256)
+        return lambda: eager_version(x), lambda: fused_version(x)
 
-Setup runs only when the case is selected, so a case whose module does not exist yet (or whose model
-fails to optimize) raises `SkipCase` or ImportError there and is reported as skipped, not as a crash.
+Setup runs only when the case is selected. A selected case that cannot run (its module does not import,
+its model fails to optimize, it raises `SkipCase`) is reported with its error and fails the run: a
+benchmark that silently does not run guards nothing.
+
+`floor=` gives a case an absolute minimum ratio (checked whatever the baseline says); `note=` says what a
+case really compares when its name cannot (printed under the table).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SkipCase(Exception):
-    """Raised by a case's setup when it cannot run here; the message is printed as the reason."""
+    """Raised by a case's setup when it cannot run here; the run reports this reason and fails."""
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark. `compile=True` adds "<name> vs compile" (torch.compile'd original) in full runs."""
+    """One benchmark. `compile=True` adds "<name> vs compile" (torch.compile'd original) in full runs;
+    `floor`: the least ratio accepted whatever the baseline says; `note`: what the two sides are."""
 
     name: str
     setup: Setup
@@ -38,6 +43,8 @@ class Case:
     quick: bool = True
     compile: bool = False
     group: str = "op"
+    floor: float | None = None
+    note: str = ""
 
 
 @dataclass
@@ -46,14 +53,22 @@ class Registry:
     families: list[tuple[str, Callable[[], list[Case]]]] = field(default_factory=list)
 
     def case(
-        self, name: str, *, suite: str = "cpu", quick: bool = True, compile: bool = False, group: str = ""
+        self,
+        name: str,
+        *,
+        suite: str = "cpu",
+        quick: bool = True,
+        compile: bool = False,
+        group: str = "",
+        floor: float | None = None,
+        note: str = "",
     ) -> Callable[[Setup], Setup]:
         """Register `setup` (no arguments, returns (baseline_fn, optimized_fn)) as one case."""
 
         def register(setup: Setup) -> Setup:
             if any(c.name == name for c in self.cases):
                 raise ValueError(f"benchmark case {name!r} is registered twice")
-            self.cases.append(Case(name, setup, suite, quick, compile, group or name.split("/")[0]))
+            self.cases.append(Case(name, setup, suite, quick, compile, group or name.split("/")[0], floor, note))
             return setup
 
         return register
@@ -73,7 +88,7 @@ class Registry:
         for label, fn in self.families:
             try:
                 listed += fn()
-            except Exception as e:  # the runner tells a missing module (skip) from a broken one (error)
+            except Exception as e:  # reported (and failing the run) by the runner, with the family's label
                 if contains is None or contains in label:
                     yield label, e
         listed.sort(key=lambda c: c.group != "op")  # ops first, then models; otherwise registration order
@@ -94,7 +109,7 @@ def load_repo_module(relpath: str) -> ModuleType:
     """Import a file of the repository that is not part of the package (examples/, benchmarks/)."""
     path = REPO_ROOT / relpath
     if not path.exists():
-        raise SkipCase(f"{relpath} does not exist yet")
+        raise FileNotFoundError(f"{relpath} does not exist")
     name = "_fxfuse_bench_" + relpath.replace("/", "_").removesuffix(".py")
     if name in sys.modules:
         return sys.modules[name]
