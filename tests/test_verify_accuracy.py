@@ -59,6 +59,32 @@ def test_nan_and_inf_positions_still_exact():
     want = torch.tensor([1.0, float("nan"), 3.0])
     assert not judge(torch.tensor([1.0, 2.0, 3.0]), want, truth, 1e-5).ok
     assert judge(torch.tensor([1.0, float("nan"), 3.0]), want, truth, 1e-5).ok
+    # gradients of a forward with NaN rows: NaN placement is the formula's, the finite entries still count
+    assert judge(torch.tensor([1.0, 2.0, float("nan")]), want, truth, 1e-5, exact_nan=False).ok
+    assert not judge(torch.tensor([1.1, 2.0, float("nan")]), want, truth, 1e-5, exact_nan=False).ok
+
+
+class RoundsToHalf(nn.Module):
+    def forward(self, x):
+        return (x * 3.0).to(torch.float16).to(torch.float32)
+
+
+class Times(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_whole_graph_check_accepts_a_more_accurate_rewrite():
+    # The captured graph rounds through fp16 (5e-4 off); a rewrite computing x * 3 exactly disagrees with
+    # it by more than 1e-4 but is closer to the float64 run, where the fp16 round trip becomes float64.
+    original = torch.fx.symbolic_trace(RoundsToHalf())
+    x = torch.linspace(1.0, 2.0, 101)
+    assert rewrite.check_whole_graph(original, torch.fx.symbolic_trace(Times(3.0)), [x]).ok
+    assert not rewrite.check_whole_graph(original, torch.fx.symbolic_trace(Times(3.01)), [x]).ok
 
 
 class BertMHA(nn.Module):

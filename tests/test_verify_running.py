@@ -21,18 +21,22 @@ BACKENDS = ["cpu", "reference", "triton"]  # triton runs in the interpreter on C
 
 
 def _float64_attention(q, k, v):
-    q, k, v = q.double(), k.double(), v.double()
     return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_runs_the_chosen_backend_forward_and_backward(backend, device):
     q, k, v = (torch.randn(1, 2, 16, 16, device=device, requires_grad=True) for _ in range(3))
+    cotangent = torch.randn(1, 2, 16, 16, device=device)
     with counting_calls() as calls:
         out = attention(q, k, v, backend=backend)
-        out.backward(torch.ones_like(out))
+        grads = torch.autograd.grad(out, (q, k, v), cotangent)
     assert dict(calls) == {("attention", backend): 1, ("attention_backward", backend): 1}
-    torch.testing.assert_close(out.double(), _float64_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = _float64_attention(*wide)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    for got, exact in zip(grads, torch.autograd.grad(want, wide, cotangent.double())):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -145,7 +145,12 @@ def _rel_err(x: torch.Tensor, truth: torch.Tensor, where: torch.Tensor) -> float
     return float(((x.detach().double()[where] - t).abs().max() / scale).item())
 
 
-def judge(got: object, want: object, truth: object, rtol: float, what: str = "") -> Comparison:
+def _finite_or_zero(x: object) -> object:
+    zero = lambda t: torch.nan_to_num(t.detach(), 0.0, 0.0, 0.0) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E501, E731
+    return torch.utils._pytree.tree_map(zero, x)
+
+
+def judge(got: object, want: object, truth: object, rtol: float, what: str = "", exact_nan: bool = True) -> Comparison:
     """Accuracy of `got` (the fused result) against `truth` (the original run in float64), `want` (the
     original at its own dtype) setting the bar.
 
@@ -153,9 +158,11 @@ def judge(got: object, want: object, truth: object, rtol: float, what: str = "")
     floating tensor is then judged on the entries finite in both the original and the truth (an original
     that overflows does not wave the rest through): accepted when its error against the truth is within
     `rtol`, or within FACTOR times the original's own error. `truth=None` (no float64 run) judges against
-    the original itself. `what` names the tensor in the reason ("gradient of input 0").
+    the original itself. `what` names the tensor in the reason ("gradient of input 0"). `exact_nan=False`
+    drops the NaN/±inf rule: entries not finite on any side are left out.
     """
-    exact = compare(got, want, float("inf"))
+    # structure, dtypes and integer values; NaN/±inf positions too unless `exact_nan` is off
+    exact = compare(*((got, want) if exact_nan else (_finite_or_zero(got), _finite_or_zero(want))), float("inf"))
     if not exact.ok:
         return Comparison(False, float("inf"), f"{what}: {exact.reason}" if what else exact.reason)
     tree = torch.utils._pytree
@@ -169,7 +176,7 @@ def judge(got: object, want: object, truth: object, rtol: float, what: str = "")
             continue
         if not isinstance(t, torch.Tensor) or t.shape != w.shape:
             t = w
-        finite = torch.isfinite(w) & torch.isfinite(t)
+        finite = torch.isfinite(w) & torch.isfinite(t) & torch.isfinite(g)
         mine, theirs = _rel_err(g, t, finite), _rel_err(w, t, finite)
         worst.max_rel_err = max(worst.max_rel_err, mine)
         worst.original_rel_err = max(worst.original_rel_err, theirs)
@@ -270,10 +277,17 @@ def _vjp(run: tuple[list, object], marked: Sequence[int], cotangents: Sequence[t
 def _judge_gradients(want: tuple, got: tuple, exact: tuple | None, marked: Sequence[int], seed: int, rtol: float,
                      names: Sequence[str]) -> Comparison:  # fmt: skip
     """The region's backward, judged like its forward: one vector-Jacobian product per side, with the same
-    cotangents (drawn at the original's dtype; the truth gets those values in float64)."""
+    cotangents (drawn at the original's dtype; the truth gets those values in float64).
+
+    Outputs that are not finite (fully-masked attention rows) get a zero cotangent, as a loss that can be
+    trained must leave them out. Their NaN still reaches the backward, in places that depend on the
+    formula (NaN * 0 stays NaN through a matmul, a `where` stops it), so gradients of such a case are
+    judged on the entries finite on every side; NaN placement is exact where the forward is finite."""
     outs = _float_leaves(want[1])
     gen = torch.Generator().manual_seed(10_000 + seed)
     cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    finite = all(bool(torch.isfinite(o).all()) for o in outs)
+    cots = [c.masked_fill(~torch.isfinite(o.detach()), 0.0) for c, o in zip(cots, outs)]
     want_grads = _vjp(want, marked, cots)
     try:
         got_grads = _vjp(got, marked, cots)
@@ -287,7 +301,7 @@ def _judge_gradients(want: tuple, got: tuple, exact: tuple | None, marked: Seque
     for k, i in enumerate(marked):
         name = f"input {i}" + (f" ({names[i]})" if i < len(names) else "")
         truth = None if exact_grads is None else exact_grads[k]
-        c = judge(got_grads[k], want_grads[k], truth, rtol, f"gradient of {name}")
+        c = judge(got_grads[k], want_grads[k], truth, rtol, f"gradient of {name}", exact_nan=finite)
         if not c.ok:
             return c
         worst.max_rel_err = max(worst.max_rel_err, c.max_rel_err)
