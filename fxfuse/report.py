@@ -189,7 +189,7 @@ def _legend(cols: list[str]) -> list[str]:
     if "original" in cols:
         text += "; original: that region's own error vs float64"
     if "tolerance" in cols:
-        text += "; applied when error <= max(tolerance, original)"
+        text += "; applied when error <= max(tolerance, 2 x original)"
     whole = (
         "whole model: each rewritten graph also runs on the real inputs against the graph as captured "
         "(relative 1e-4, fp16/bf16 2e-2); a failure withdraws its rewrites"
