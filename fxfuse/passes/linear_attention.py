@@ -1,0 +1,351 @@
+"""Linear attention: softmax-free attention `(phi(Q) phi(K)^T) V` reassociated to `phi(Q) (phi(K)^T V)`.
+
+Feature maps stay graph ops; the matcher needs only the product structure. A rule in `RULES` anchors on
+a product and returns the semantic parameters (roles of q, k, v, scale, causal, decay, normaliser):
+- quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
+  what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
+  masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
+  diagonal (proven by evaluating it), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
+  W / W.sum(-1, keepdim).clamp(min);
+- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps).
+Anything else between the products (softmax, relu^2: the attention family; a bias; an abs-sum
+normaliser; a mask that is not causal) is left alone, with the reason when it looked like this family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from fxfuse.passes.attention_layout import Operand, Product, apply_steps, layout_steps, peel, read_product, shape, val
+from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.site import Rejection, Site
+
+aten = torch.ops.aten
+PATTERN = "linear_attention"
+_DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
+
+
+@dataclass
+class Roles:
+    """q [batch, n, d], k [batch, m, d], v [batch, m, e] as labelled operands; out_labels the output's."""
+
+    batch: str
+    sizes: dict[str, int]
+    q: Operand
+    k: Operand
+    v: Operand
+    out_labels: str
+    scores_labels: str  # the score product's output axes, as roles
+
+
+@dataclass
+class Weights:
+    """What the score matrix goes through between the two products."""
+
+    scale: float = 1.0
+    causal: bool = False
+    decay: list[float] | None = None
+    normalize: str = "none"
+    eps: float = 0.0
+    constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
+
+
+def _reject(anchor: Node, why: str, variant: str = "quadratic form") -> Rejection:
+    return Rejection(PATTERN, variant, anchor, why)
+
+
+def _is(node: object, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
+    """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
+    is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
+    mode, eps = "eps", 0.0
+    if _is(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
+        den, eps = den.args[0], float(den.args[1])
+    elif _is(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
+            return "the normaliser is clamped from above"
+        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    if not _is(den, aten.sum.dim_IntList):
+        return None
+    inner = den.args[0]
+    if _is(inner, aten.abs.default) and inner.args[0] is s:
+        return "the normaliser sums |scores| (retention's abs-sum): not linearisable"
+    if inner is not s:
+        return None
+    keep = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
+    dims = [d % val(s).dim() for d in den.args[1]]
+    if dims != [val(s).dim() - 1] or not keep:
+        return "the normaliser is not a sum over the key axis (row sum)"
+    return mode, eps
+
+
+def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
+    """(scores, normalize, eps) for W = S / rowsum(S)..., (W, "none", 0) for anything else."""
+    if _is(w, aten.div.Tensor) and isinstance(w.args[1], Node):
+        found = _row_sum_of(w.args[1], w.args[0])
+        if isinstance(found, str):
+            return found
+        if found is not None:
+            return w.args[0], *found
+    return w, "none", 0.0
+
+
+def _decay_of(mask: torch.Tensor, heads: int) -> tuple[list[float] | None] | str:
+    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j), else why not."""
+    n = mask.shape[-1]
+    if mask.dim() < 2 or mask.shape[-2] != n:
+        return "the mask is not square"
+    flat = mask.double().reshape(-1, n, n)
+    if flat.shape[0] not in (1, heads):
+        return "the mask varies along a batch axis"
+    i = torch.arange(n, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]
+    gamma = flat[:, 1, 0] if n > 1 else torch.ones(flat.shape[0], dtype=torch.float64)
+    want = torch.where(dist >= 0, gamma.view(-1, 1, 1) ** dist.clamp(min=0), 0.0)
+    if not bool(torch.isclose(flat, want, rtol=_DECAY_RTOL, atol=1e-30).all()):
+        return "the mask is not causal-structured (a lower-triangular 0/1 mask or a decay gamma^(i - j))"
+    if bool((gamma == 1).all()):
+        return (None,)
+    if bool((gamma < 0).any()):
+        return "the decay factors are negative"
+    return ([float(g) for g in gamma],)
+
+
+def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
+    """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
+    scale, causal mask and decay, or why they are not."""
+    out, mask = Weights(), None
+    for t in terms:
+        if t.kind == "cast":
+            continue
+        if t.kind == "scale":
+            out.scale *= t.value
+            if t.const is not None:
+                out.constants[t.const] = constant_value(t.const)
+            continue
+        if t.kind == "bias":
+            return "a bias is added to the scores: not linearisable"
+        if t.kind == "mask" and t.value != 0.0:
+            return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
+        if t.kind not in ("temperature", "mask") or t.negate:
+            return "the scores go through an op the fused op cannot express"
+        const = constant_value(t.node)
+        if const is None:
+            return "the scores are multiplied by a mask that is not a constant (a buffer or an input)"
+        out.constants[t.node] = const
+        factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
+        if factor.dim() > len(scores_labels):
+            return "the mask has more axes than the scores"
+        factor = factor.reshape((1,) * (len(scores_labels) - factor.dim()) + tuple(factor.shape))
+        for axis, label in enumerate(scores_labels[:-2]):
+            if label != "h" and factor.shape[axis] != 1:
+                if not bool((factor == factor.narrow(axis, 0, 1)).all()):
+                    return "the mask varies along the batch axis"
+                factor = factor.narrow(axis, 0, 1)
+        mask = factor if mask is None else mask * factor
+    if mask is not None:
+        decay = _decay_of(mask, heads)
+        if isinstance(decay, str):
+            return decay
+        out.causal, out.decay = True, decay[0]
+    return out
+
+
+def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
+    """Name every axis: the score product ps = q k^T gives batch, n, m, d; the value product pv adds e."""
+    w_labels, v_labels = (pv.a_labels, pv.b_labels) if weights_operand == "a" else (pv.b_labels, pv.a_labels)
+    v_node = pv.b if weights_operand == "a" else pv.a
+    contracted = [c for c in w_labels if c in v_labels and c not in pv.out_labels]
+    if len(contracted) != 1:
+        return "the value product is not W @ v over one key axis"
+    key_axis = w_labels.index(contracted[0])
+    if key_axis != len(w_labels) - 1:
+        return "the value product contracts another axis than the scores' last (key) axis"
+    m = ps.out_labels[key_axis]
+    dims = [c for c in ps.a_labels if c in ps.b_labels and c not in ps.out_labels]
+    if len(dims) != 1 or (m in ps.a_labels) == (m in ps.b_labels):
+        return "the score product is not q @ k^T over one feature dim"
+    (ql, qn), (kl, kn) = ((ps.a_labels, ps.a), (ps.b_labels, ps.b))[:: 1 if m in ps.b_labels else -1]
+    ns = [c for c in ps.out_labels if c in ql and c not in kl and c != m]
+    if len(ns) != 1:
+        return "the score product has no single query axis"
+    batch = "".join(c for c in ps.out_labels if c not in (m, ns[0]))
+    if not batch or len(batch) > 2 or any(c not in ql or c not in kl for c in batch):
+        return "q and k do not share the batch axes of the scores"
+    if set(ql) - set(batch + ns[0] + dims[0]) or set(kl) - set(batch + m + dims[0]):
+        return "q or k does not fit [batch, heads, N, D]"
+    canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{ns[0]: "n", m: "m", dims[0]: "d"})
+    to_role = {w_labels[i]: canon[c] for i, c in enumerate(ps.out_labels)}
+    extra = [c for c in v_labels if c not in to_role]
+    if len(extra) != 1 or any(to_role.get(c) not in ("b", "h", "m") for c in v_labels if c != extra[0]):
+        return "the value operand does not fit [batch, heads, M, E]"
+    to_role[extra[0]] = "e"
+    out_labels = "".join(to_role.get(c, "?") for c in pv.out_labels)
+    batch_roles = "".join(canon[c] for c in batch)
+    vl = "".join(to_role[c] for c in v_labels)
+    if sorted(out_labels) != sorted(batch_roles + "ne") or "m" not in vl or any(c not in vl for c in batch_roles):
+        return "the output is not [batch, heads, N, E]"
+    sizes = {canon[c]: int(s) for c, s in zip(ps.out_labels, val(ps.node).shape)}
+    sizes["d"] = int(val(qn).shape[ql.index(dims[0])])
+    sizes["e"] = int(val(v_node).shape[v_labels.index(extra[0])])
+    q = Operand(qn, "".join(canon[c] for c in ql))
+    k = Operand(kn, "".join(canon[c] for c in kl))
+    scores_labels = "".join(canon[c] for c in ps.out_labels)
+    if not scores_labels.endswith("nm"):
+        return "the scores are not laid out [batch, N, M]"
+    return Roles(batch_roles, sizes, q, k, Operand(v_node, vl), out_labels, scores_labels)
+
+
+def feature_map(node: Node) -> str:
+    """How q or k was made, for the report: "φ=elu+1", relu, relu², exp, softmax; "φ" when unknown."""
+    if _is(node, aten.add.Tensor) and node.args[1] == 1 and _is(node.args[0], aten.elu.default):
+        return "φ=elu+1"
+    if _is(node, aten.pow.Tensor_Scalar, aten.square.default) and _is(node.args[0], aten.relu.default):
+        return "φ=relu²"
+    names = {aten.relu.default: "relu", aten.exp.default: "exp", aten.softmax.int: "softmax",
+             aten._softmax.default: "softmax", aten.sigmoid.default: "sigmoid"}  # fmt: skip
+    name = names.get(node.target) if node.op == "call_function" else None
+    return f"φ={name}" if name else "φ"
+
+
+def _positive_gen(constants: dict[int, torch.Tensor]):
+    """Verification inputs: feature-mapped q and k are non-negative (row sums stay away from 0, as
+    elu+1, relu, exp and softmax features keep them); known constants keep their value."""
+
+    def gen(i: int, meta: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
+        if i in constants:
+            return constants[i].clone()
+        if i > 1:
+            return None
+        g = torch.Generator().manual_seed(1000 * seed + i)
+        x = torch.rand(tuple(meta.shape), generator=g, dtype=torch.float64) + 0.05
+        return (x * (100.0 if case == "large" else 1.0)).to(meta.dtype).to(meta.device)
+
+    return gen
+
+
+def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, variant_base: str) -> Site | str:
+    """The Site (inputs q, k, v and the folded constants; emit builds the op with its layout steps)."""
+    from fxfuse.fusion.linear_attention import linear_attention_backend
+
+    batch, sizes = roles.batch, roles.sizes
+    head = "h" if "h" in batch else ""
+    q = peel(roles.q, head, allow_repeat=False)
+    k, v = peel(roles.k, head), peel(roles.v, head)
+    kv_heads = [shape(o.node)[o.labels.index("h")] if "h" in o.labels else 1 for o in (k, v)]
+    fold = bool(head) and kv_heads[0] == kv_heads[1] and sizes["h"] % kv_heads[0] == 0
+    if not fold:
+        k, v = peel(roles.k, head, allow_repeat=False), peel(roles.v, head, allow_repeat=False)
+    if w.causal and sizes["n"] != sizes["m"]:
+        return "a causal mask over queries and keys of different lengths"
+    if w.decay is not None and len(w.decay) not in (1, sizes.get("h", 1)):
+        return "the decay varies along another axis than the heads"
+    lead, keep = 2 - len(batch), "h" if fold else ""
+    plans = [layout_steps(q, batch + "nd", sizes, lead), layout_steps(k, batch + "md", sizes, lead, keep),
+             layout_steps(v, batch + "me", sizes, lead, keep)]  # fmt: skip
+    inputs = [q.node, k.node, v.node]
+    if len(set(inputs)) != 3:
+        return "q, k and v are not three different tensors"
+    constants = {}
+    for node, value in w.constants.items():
+        if node not in inputs:
+            inputs.append(node)  # folded constants still bound the region (a mask shared by layers)
+            constants[len(inputs) - 1] = value
+    out_steps = [(aten.squeeze.dims, (list(range(lead)),))] if lead else []
+    if roles.out_labels != batch + "ne":
+        out_steps.append((aten.permute.default, ([(batch + "ne").index(c) for c in roles.out_labels],)))
+        if val(output).is_contiguous():
+            out_steps.append((aten.contiguous.default, ()))
+    scale = w.scale * q.scale * k.scale
+    params = (scale, w.causal, w.decay, w.normalize, w.eps, backend)
+    out_dtype, q_dtype = val(output).dtype, val(q.node).dtype
+
+    def emit(graph: Graph, nodes: list[Node]) -> Node:
+        import fxfuse.fusion.linear_attention  # noqa: F401  (registers torch.ops.fxfuse.linear_attention)
+
+        qkv = [apply_steps(graph, nodes[i], plans[i]) for i in range(3)]
+        out = graph.call_function(torch.ops.fxfuse.linear_attention.default, (*qkv, *params))
+        out = apply_steps(graph, out, out_steps)
+        if out_dtype != q_dtype:
+            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
+        return out
+
+    norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}", "clamp": f"row-sum clamp(min={w.eps:g})"}
+    parts = [feature_map(q.node), norm[w.normalize]]
+    if w.decay is not None:
+        parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
+    elif w.causal:
+        parts.append("causal")
+    if fold and kv_heads[0] != sizes.get("h", 1):
+        parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
+    parts.append(f"{variant_base}, O(N²d) → O(Nd²)")
+    name = linear_attention_backend(backend, val(q.node).device, q_dtype, sizes["d"], sizes["e"])[0]
+    gen = _positive_gen(constants)
+    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
+
+
+def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
+    # W @ v with W = (q @ k^T) [* constant mask or decay] [/ row-sum] -> linear_attention(q, k, v)
+    pv = read_product(node)
+    if pv is None or pv.bias is not None or pv.alpha != 1.0:
+        return None
+    for which, w_node in (("a", pv.a), ("b", pv.b)):
+        found = _normaliser(w_node)
+        if isinstance(found, str):
+            return _reject(node, found) if _reaches_scores(w_node) else None
+        scores, normalize, eps = found
+        where, terms = read_chain(scores)
+        ps = read_product(where)
+        if ps is None or where is scores and normalize == "none" and not _looks_like_scores(ps, pv):
+            continue
+        if ps.bias is not None or ps.alpha != 1.0:
+            return _reject(node, "a bias is added to the scores: not linearisable")
+        roles = _roles(ps, pv, which)
+        if isinstance(roles, str):
+            continue
+        if val(scores) is None or val(scores).shape != val(ps.node).shape:
+            return _reject(node, "the scores change shape before the value product")
+        weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
+        if isinstance(weights, str):
+            return _reject(node, weights)
+        weights.normalize, weights.eps = normalize, eps
+        site = build_site(node, node, roles, weights, backend, "quadratic form")
+        return _reject(node, site) if isinstance(site, str) else site
+    return None
+
+
+def _looks_like_scores(ps: Product, pv: Product) -> bool:
+    """A bare product of products (x @ A @ B) is linear attention only when q, k and v all carry the
+    batch axes and a sequence axis: not a chain of weight matrices."""
+    return all(val(t) is not None and val(t).dim() >= 3 for t in (ps.a, ps.b, pv.a, pv.b))
+
+
+def _reaches_scores(w: Node) -> bool:
+    args = [a for a in w.all_input_nodes]
+    return any(read_product(read_chain(a)[0]) is not None for a in args)
+
+
+RULES = (match_quadratic,)
+
+
+def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:
+    """Every linear-attention site in `gm` (canonicalized ATen graph): a Site, or why it was left alone."""
+    results: list[Site | Rejection] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or val(node) is None:
+            continue
+        for rule in RULES:
+            try:
+                hit = rule(node, backend)
+            except Exception as exc:  # one odd site must not cost the model its other sites
+                hit = _reject(node, f"matcher error ({type(exc).__name__}: {exc})")
+            if hit is not None:
+                results.append(hit)
+                break
+    return results
