@@ -276,7 +276,8 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
         return out
 
-    norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}", "clamp": f"row-sum clamp(min={w.eps:g})"}
+    norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}" if w.eps else "row-sum",
+            "clamp": f"row-sum clamp(min={w.eps:g})"}  # fmt: skip
     parts = [feature_map(q.node), norm[w.normalize]]
     if w.decay is not None:
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
