@@ -123,13 +123,13 @@ class PerformerLayer(nn.Module):
 
 
 def make_linear_transformer_at(n: int) -> tuple[nn.Module, tuple]:
-    """The elu + 1 layer at sequence length n, d = 32 per head (4 heads)."""
-    return LinearTransformerLayer.make(n, 128, 4)
+    """The elu + 1 layer at sequence length n, d = 32 per head (4 heads), batch 1."""
+    return LinearTransformerLayer(128, 4).eval(), (torch.randn(1, n, 128),)
 
 
 def make_causal_linear_at(n: int) -> tuple[nn.Module, tuple]:
-    """The causal relu layer at sequence length n, d = 32 per head (4 heads)."""
-    return CausalLinearLayer.make(n, 128, 4)
+    """The causal relu layer at sequence length n, d = 32 per head (4 heads), batch 1."""
+    return CausalLinearLayer(128, 4).eval(), (torch.randn(1, n, 128),)
 
 
 MODELS = (LinearTransformerLayer, CausalLinearLayer, RetentionLayer, PerformerLayer)

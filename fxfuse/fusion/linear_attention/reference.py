@@ -94,6 +94,10 @@ def linear_attention_forward(
     gamma = decay_tensor(decay, hq, q.device)
     if normalize == "none":
         return product(q.to(acc), kf, vf, scale, causal, gamma, False)
+    if not causal and product is not quadratic_product:
+        # non-causal row sums are q_i . sum_j k_j: one small product instead of a column appended to v
+        rowsum = torch.matmul(q.to(acc), kf.sum(-2, keepdim=True).transpose(-1, -2)) * scale
+        return product(q.to(acc), kf, vf, scale, False, None, False) / _denominator(rowsum, normalize, eps)
     y = product(q.to(acc), kf, _with_ones(vf), scale, causal, gamma, False)
     return y[..., :-1] / _denominator(y[..., -1:], normalize, eps)
 
