@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
-from examples.linear_attention_models import CausalLinearLayer, LinearTransformerLayer, RetentionLayer
+from examples.linear_attention_models import CausalLinearLayer, LinearTransformerLayer, PerformerLayer, RetentionLayer
 
 
 class Core(nn.Module):
@@ -192,3 +192,40 @@ def test_near_miss_left_alone(name):
         got, want = opt(*inputs), model(*inputs)
     for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
         assert torch.equal(g, w)
+
+
+# --- already linear: the reassociated form written by hand ---------------------------------------------
+
+
+def kv_matmul(q, k, v):
+    # q @ (k^T v), unnormalized, relu features
+    return F.relu(q) @ (F.relu(k).transpose(-2, -1) @ v)
+
+
+def kv_divided(q, k, v):
+    # fast-transformers' non-causal form with a division: (q kv) / (q . sum(k) + eps)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bhmd,bhme->bhde", k, v)
+    den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)) + 1e-6
+    return torch.einsum("bhnd,bhde->bhne", q, kv) / den.unsqueeze(-1)
+
+
+ALREADY_LINEAR = {
+    "performer_einsum": (PerformerLayer.make, ["φ=exp", "row-sum + 1e-06", "already linear"]),
+    "kv_matmul": (lambda: (Core(kv_matmul), (torch.randn(2, 12, 16),)), ["φ=relu", "no normaliser"]),
+    "kv_divided": (lambda: (Core(kv_divided), (torch.randn(2, 12, 16),)), ["φ=elu+1", "row-sum + 1e-06"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ALREADY_LINEAR))
+def test_already_linear_found(name):
+    make, phrases = ALREADY_LINEAR[name]
+    model, inputs = make()
+    opt = fxfuse.optimize(model.eval(), inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1, rep
+    assert all(p in rep.rewrites[0].variant for p in phrases), rep.rewrites[0].variant
+    x = torch.randn_like(inputs[0])
+    with torch.no_grad():
+        want, got = copy.deepcopy(model).double()(x.double()), opt(x)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -332,7 +332,106 @@ def _reaches_scores(w: Node) -> bool:
     return any(read_product(read_chain(a)[0]) is not None for a in args)
 
 
-RULES = (match_quadratic,)
+def _linear_roles(p2: Product, kv_side: str, p1: Product) -> Roles | str:
+    """Roles of q @ (k^T v): p1 = kv contracts the sequence axis m of k and v, p2 contracts d."""
+    (kl, kn), (vl, vn) = (p1.a_labels, p1.a), (p1.b_labels, p1.b)
+    seq = [c for c in kl if c in vl and c not in p1.out_labels]
+    d_axis = [c for c in kl if c not in vl]
+    e_axis = [c for c in vl if c not in kl]
+    batch = [c for c in p1.out_labels if c in kl and c in vl]
+    if len(seq) != 1 or len(d_axis) != 1 or len(e_axis) != 1 or not 1 <= len(batch) <= 2:
+        return "k^T v does not contract one sequence axis of [batch, heads, M, D] and [batch, heads, M, E]"
+    canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{seq[0]: "m", d_axis[0]: "d", e_axis[0]: "e"})
+    kv_labels, ql, qn = (p2.b_labels, p2.a_labels, p2.a) if kv_side == "b" else (p2.a_labels, p2.b_labels, p2.b)
+    role = {c: canon[p1.out_labels[i]] for i, c in enumerate(kv_labels)}
+    contracted = [c for c in ql if c in kv_labels and c not in p2.out_labels]
+    if len(contracted) != 1 or role[contracted[0]] != "d":
+        return "q @ kv does not contract the feature axis"
+    n_axis = [c for c in ql if c not in kv_labels]
+    if len(n_axis) != 1 or any(role[c] not in ("b", "h", "d") for c in ql if c in kv_labels):
+        return "q does not fit [batch, heads, N, D]"
+    role[n_axis[0]] = "n"
+    out_labels = "".join(role.get(c, "?") for c in p2.out_labels)
+    batch_roles = "".join(canon[c] for c in batch)
+    if sorted(out_labels) != sorted(batch_roles + "ne") or sorted(role[c] for c in ql) != sorted(batch_roles + "nd"):
+        return "the output is not [batch, heads, N, E]"
+    sizes = {canon[c]: int(n) for c, n in zip(kl, val(kn).shape)}
+    sizes.update({canon[c]: int(n) for c, n in zip(vl, val(vn).shape)})
+    sizes["n"] = int(val(qn).shape[ql.index(n_axis[0])])
+    q = Operand(qn, "".join(role[c] for c in ql))
+    k, v = Operand(kn, "".join(canon[c] for c in kl)), Operand(vn, "".join(canon[c] for c in vl))
+    return Roles(batch_roles, sizes, q, k, v, out_labels, batch_roles + "nm")
+
+
+def _kv_product(node: Node) -> tuple[Product, str, Product] | None:
+    """(q @ kv, which operand is kv, kv = k^T v) when `node` multiplies by a product of two operands that
+    both carry the sequence axis it contracts."""
+    p2 = read_product(node)
+    if p2 is None or p2.bias is not None or p2.alpha != 1.0:
+        return None
+    for side, operand in (("b", p2.b), ("a", p2.a)):
+        p1 = read_product(operand)
+        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
+            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
+                return p2, side, p1
+    return None
+
+
+def _linear_normaliser(node: Node, q: Node, k: Operand) -> tuple[Node, float] | None:
+    """(numerator, eps) when `node` is num * (1 / (q . sum_m k + eps))[..., None] or num / (...)[..., None]."""
+    if not _is(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
+        return None
+    num, r = node.args
+    if node.target is aten.mul.Tensor and not _is(r, aten.unsqueeze.default):
+        num, r = r, num
+    if not _is(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
+        return None
+    den = r.args[0]
+    if node.target is aten.mul.Tensor:
+        if not _is(den, aten.reciprocal.default):
+            return None
+        den = den.args[0]
+    eps = 0.0
+    if _is(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
+        den, eps = den.args[0], float(den.args[1])
+    pd = read_product(den)
+    if pd is None or q not in (pd.a, pd.b):
+        return None
+    ksum = pd.b if pd.a is q else pd.a
+    if not _is(ksum, aten.sum.dim_IntList) or ksum.args[0] is not k.node or (len(ksum.args) > 2 and ksum.args[2]):
+        return None
+    if [d % val(k.node).dim() for d in ksum.args[1]] != [k.labels.index("m")]:
+        return None
+    return num, eps
+
+
+def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
+    # q @ (k^T @ v) [/ (q . sum(k) + eps)] -> linear_attention(q, k, v): one op, float32 states
+    found, normalized = _kv_product(node), None
+    if found is not None:
+        roles = _linear_roles(*found)
+        if isinstance(roles, str):
+            return None
+        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles.q.node, roles.k) is not None:
+            return None  # the normaliser after it anchors the site
+    else:
+        args = [a for a in node.args if isinstance(a, Node) and len(a.users) == 1]
+        hits = [(a, hit) for a in args if (hit := _kv_product(a)) is not None]
+        if len(hits) != 1:
+            return None
+        numerator, found = hits[0]
+        roles = _linear_roles(*found)
+        if isinstance(roles, str):
+            return None
+        normalized = _linear_normaliser(node, roles.q.node, roles.k)
+        if normalized is None or normalized[0] is not numerator:
+            return None
+    w = Weights() if normalized is None else Weights(normalize="eps", eps=normalized[1])
+    site = build_site(node, node, roles, w, backend, "already linear")
+    return _reject(node, site, "already linear") if isinstance(site, str) else site
+
+
+RULES = (match_quadratic, match_already_linear)
 
 
 def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:
