@@ -14,67 +14,36 @@ normaliser; a mask that is not causal) is left alone, with the reason when it lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
-from fxfuse.passes.attention_layout import Operand, Product, apply_steps, layout_steps, peel, read_product, shape, val
+from fxfuse.passes.attention_layout import Operand, Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
-PATTERN = "linear_attention"
 _DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
-
-
-@dataclass
-class Roles:
-    """q [batch, n, d], k [batch, m, d], v [batch, m, e] as labelled operands; out_labels the output's."""
-
-    batch: str
-    sizes: dict[str, int]
-    q: Operand
-    k: Operand
-    v: Operand
-    out_labels: str
-    scores_labels: str  # the score product's output axes, as roles
-
-
-@dataclass
-class Weights:
-    """What the score matrix goes through between the two products."""
-
-    scale: float = 1.0
-    causal: bool = False
-    decay: list[float] | None = None
-    normalize: str = "none"
-    eps: float = 0.0
-    constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
 
 
 def _reject(anchor: Node, why: str, variant: str = "quadratic form") -> Rejection:
     return Rejection(PATTERN, variant, anchor, why)
 
 
-def _is(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
     """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
     is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
     mode, eps = "eps", 0.0
-    if _is(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
+    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
         den, eps = den.args[0], float(den.args[1])
-    elif _is(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
         if len(den.args) > 2 and den.args[2] is not None:
             return "the normaliser is clamped from above"
         den, mode, eps = den.args[0], "clamp", float(den.args[1])
-    if not _is(den, aten.sum.dim_IntList):
+    if not is_call(den, aten.sum.dim_IntList):
         return None
     inner = den.args[0]
-    if _is(inner, aten.abs.default) and inner.args[0] is s:
+    if is_call(inner, aten.abs.default) and inner.args[0] is s:
         return "the normaliser sums |scores| (retention's abs-sum): not linearisable"
     if inner is not s:
         return None
@@ -87,7 +56,7 @@ def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
 
 def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
     """(scores, normalize, eps) for W = S / rowsum(S)..., (W, "none", 0) for anything else."""
-    if _is(w, aten.div.Tensor) and isinstance(w.args[1], Node):
+    if is_call(w, aten.div.Tensor) and isinstance(w.args[1], Node):
         found = _row_sum_of(w.args[1], w.args[0])
         if isinstance(found, str):
             return found
@@ -202,95 +171,6 @@ def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
     return Roles(batch_roles, sizes, q, k, Operand(v_node, vl), out_labels, scores_labels)
 
 
-def feature_map(node: Node) -> str:
-    """How q or k was made, for the report: "φ=elu+1", relu, relu², exp, softmax; "φ" when unknown."""
-    if _is(node, aten.add.Tensor) and node.args[1] == 1 and _is(node.args[0], aten.elu.default):
-        return "φ=elu+1"
-    if _is(node, aten.pow.Tensor_Scalar, aten.square.default) and _is(node.args[0], aten.relu.default):
-        return "φ=relu²"
-    names = {aten.relu.default: "relu", aten.exp.default: "exp", aten.softmax.int: "softmax",
-             aten._softmax.default: "softmax", aten.sigmoid.default: "sigmoid"}  # fmt: skip
-    name = names.get(node.target) if node.op == "call_function" else None
-    return f"φ={name}" if name else "φ"
-
-
-def _positive_gen(constants: dict[int, torch.Tensor]):
-    """Verification inputs: feature-mapped q and k are non-negative (row sums stay away from 0, as
-    elu+1, relu, exp and softmax features keep them); known constants keep their value."""
-
-    def gen(i: int, meta: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
-        if i in constants:
-            return constants[i].clone()
-        if i > 1:
-            return None
-        g = torch.Generator().manual_seed(1000 * seed + i)
-        x = torch.rand(tuple(meta.shape), generator=g, dtype=torch.float64) + 0.05
-        return (x * (100.0 if case == "large" else 1.0)).to(meta.dtype).to(meta.device)
-
-    return gen
-
-
-def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, variant_base: str) -> Site | str:
-    """The Site (inputs q, k, v and the folded constants; emit builds the op with its layout steps)."""
-    from fxfuse.fusion.linear_attention import linear_attention_backend
-
-    batch, sizes = roles.batch, roles.sizes
-    head = "h" if "h" in batch else ""
-    q = peel(roles.q, head, allow_repeat=False)
-    k, v = peel(roles.k, head), peel(roles.v, head)
-    kv_heads = [shape(o.node)[o.labels.index("h")] if "h" in o.labels else 1 for o in (k, v)]
-    fold = bool(head) and kv_heads[0] == kv_heads[1] and sizes["h"] % kv_heads[0] == 0
-    if not fold:
-        k, v = peel(roles.k, head, allow_repeat=False), peel(roles.v, head, allow_repeat=False)
-    if w.causal and sizes["n"] != sizes["m"]:
-        return "a causal mask over queries and keys of different lengths"
-    if w.decay is not None and len(w.decay) not in (1, sizes.get("h", 1)):
-        return "the decay varies along another axis than the heads"
-    lead, keep = 2 - len(batch), "h" if fold else ""
-    plans = [layout_steps(q, batch + "nd", sizes, lead), layout_steps(k, batch + "md", sizes, lead, keep),
-             layout_steps(v, batch + "me", sizes, lead, keep)]  # fmt: skip
-    inputs = [q.node, k.node, v.node]
-    if len(set(inputs)) != 3:
-        return "q, k and v are not three different tensors"
-    constants = {}
-    for node, value in w.constants.items():
-        if node not in inputs:
-            inputs.append(node)  # folded constants still bound the region (a mask shared by layers)
-            constants[len(inputs) - 1] = value
-    out_steps = [(aten.squeeze.dims, (list(range(lead)),))] if lead else []
-    if roles.out_labels != batch + "ne":
-        out_steps.append((aten.permute.default, ([(batch + "ne").index(c) for c in roles.out_labels],)))
-        if val(output).is_contiguous():
-            out_steps.append((aten.contiguous.default, ()))
-    scale = w.scale * q.scale * k.scale
-    params = (scale, w.causal, w.decay, w.normalize, w.eps, backend)
-    out_dtype, q_dtype = val(output).dtype, val(q.node).dtype
-
-    def emit(graph: Graph, nodes: list[Node]) -> Node:
-        import fxfuse.fusion.linear_attention  # noqa: F401  (registers torch.ops.fxfuse.linear_attention)
-
-        qkv = [apply_steps(graph, nodes[i], plans[i]) for i in range(3)]
-        out = graph.call_function(torch.ops.fxfuse.linear_attention.default, (*qkv, *params))
-        out = apply_steps(graph, out, out_steps)
-        if out_dtype != q_dtype:
-            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
-        return out
-
-    norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}" if w.eps else "row-sum",
-            "clamp": f"row-sum clamp(min={w.eps:g})"}  # fmt: skip
-    parts = [feature_map(q.node), norm[w.normalize]]
-    if w.decay is not None:
-        parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
-    elif w.causal:
-        parts.append("causal")
-    if fold and kv_heads[0] != sizes.get("h", 1):
-        parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
-    parts.append(f"{variant_base}, O(N²d) → O(Nd²)")
-    name = linear_attention_backend(backend, val(q.node).device, q_dtype, sizes["d"], sizes["e"])[0]
-    gen = _positive_gen(constants)
-    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
-
-
 def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
     # W @ v with W = (q @ k^T) [* constant mask or decay] [/ row-sum] -> linear_attention(q, k, v)
     pv = read_product(node)
@@ -328,8 +208,7 @@ def _looks_like_scores(ps: Product, pv: Product) -> bool:
 
 
 def _reaches_scores(w: Node) -> bool:
-    args = [a for a in w.all_input_nodes]
-    return any(read_product(read_chain(a)[0]) is not None for a in args)
+    return any(read_product(read_chain(a)[0]) is not None for a in w.all_input_nodes)
 
 
 def _linear_roles(p2: Product, kv_side: str, p1: Product) -> Roles | str:
@@ -379,26 +258,26 @@ def _kv_product(node: Node) -> tuple[Product, str, Product] | None:
 
 def _linear_normaliser(node: Node, q: Node, k: Operand) -> tuple[Node, float] | None:
     """(numerator, eps) when `node` is num * (1 / (q . sum_m k + eps))[..., None] or num / (...)[..., None]."""
-    if not _is(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
+    if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
         return None
     num, r = node.args
-    if node.target is aten.mul.Tensor and not _is(r, aten.unsqueeze.default):
+    if node.target is aten.mul.Tensor and not is_call(r, aten.unsqueeze.default):
         num, r = r, num
-    if not _is(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
+    if not is_call(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
         return None
     den = r.args[0]
     if node.target is aten.mul.Tensor:
-        if not _is(den, aten.reciprocal.default):
+        if not is_call(den, aten.reciprocal.default):
             return None
         den = den.args[0]
     eps = 0.0
-    if _is(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
+    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
         den, eps = den.args[0], float(den.args[1])
     pd = read_product(den)
     if pd is None or q not in (pd.a, pd.b):
         return None
     ksum = pd.b if pd.a is q else pd.a
-    if not _is(ksum, aten.sum.dim_IntList) or ksum.args[0] is not k.node or (len(ksum.args) > 2 and ksum.args[2]):
+    if not is_call(ksum, aten.sum.dim_IntList) or ksum.args[0] is not k.node or (len(ksum.args) > 2 and ksum.args[2]):
         return None
     if [d % val(k.node).dim() for d in ksum.args[1]] != [k.labels.index("m")]:
         return None
