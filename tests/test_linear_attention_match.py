@@ -53,6 +53,12 @@ def gqa_softmax_features(q, k, v):
     return (s / s.sum(-1, keepdim=True)) @ v
 
 
+def normalised_after_product(q, k, v):
+    # the row sum divides the product's output instead of the weights, eps first
+    s = torch.exp(q) @ torch.exp(k).transpose(-2, -1)
+    return (s @ v) / (1e-6 + s.sum(-1, keepdim=True))
+
+
 POSITIVE = {
     "katharopoulos_elu": (LinearTransformerLayer.make, ["φ=elu+1", "row-sum + 1e-06"]),
     "causal_tril_clamp": (CausalLinearLayer.make, ["φ=relu", "clamp(min=0.0001)", "causal"]),
@@ -60,6 +66,7 @@ POSITIVE = {
     "masked_fill_einsum": (lambda: (Core(causal_masked_fill), (torch.randn(2, 12, 16),)), ["causal"]),
     "merged_heads_bmm": (lambda: (Core(merged_heads_bmm), (torch.randn(2, 12, 16),)), ["φ=relu²"]),
     "gqa_softmax_features": (lambda: (Core(gqa_softmax_features), (torch.randn(2, 12, 16),)), ["gqa 2:1"]),
+    "normalised_after": (lambda: (Core(normalised_after_product), (torch.randn(2, 12, 16),)), ["φ=exp", "+ 1e-06"]),
 }
 
 

@@ -34,8 +34,9 @@ def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
     """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
     is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
     mode, eps = "eps", 0.0
-    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
-        den, eps = den.args[0], float(den.args[1])
+    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args):
+        number = 1 if isinstance(den.args[1], (int, float)) else 0  # sum + eps or eps + sum
+        den, eps = den.args[1 - number], float(den.args[number])
     elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
         if len(den.args) > 2 and den.args[2] is not None:
             return "the normaliser is clamped from above"
@@ -195,10 +196,27 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)
+        output = node
+        if normalize == "none":
+            # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product
+            after = _normalised_output(node, scores) if roles.out_labels.endswith("ne") else None
+            if after is not None:
+                output, normalize, eps = after
         weights.normalize, weights.eps = normalize, eps
-        site = build_site(node, node, roles, weights, backend, "quadratic form")
+        site = build_site(node, output, roles, weights, backend, "quadratic form")
         return _reject(node, site) if isinstance(site, str) else site
     return None
+
+
+def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | None:
+    """(the division, normalize, eps) when `out`'s only user divides it by a row sum of `scores`."""
+    if len(out.users) != 1:
+        return None
+    user = next(iter(out.users))
+    if not is_call(user, aten.div.Tensor) or user.args[0] is not out or not isinstance(user.args[1], Node):
+        return None
+    found = _row_sum_of(user.args[1], scores)
+    return (user, *found) if isinstance(found, tuple) else None
 
 
 def _looks_like_scores(ps: Product, pv: Product) -> bool:
