@@ -236,3 +236,23 @@ def test_already_linear_found(name):
     with torch.no_grad():
         want, got = copy.deepcopy(model).double()(x.double()), opt(x)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def cumsum_outer_products(q, k, v):
+    # causal linear attention as lucidrains' / fast-transformers' naive form: a [B, H, N, D, E] cumsum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    context = torch.einsum("bhnd,bhne->bhnde", k, v).cumsum(dim=2)
+    den = torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(dim=2))
+    return torch.einsum("bhnd,bhnde->bhne", q, context) * (1.0 / (den + 1e-6)).unsqueeze(-1)
+
+
+def test_cumsum_of_outer_products_is_causal_linear_attention():
+    model, inputs = Core(cumsum_outer_products), (torch.randn(2, 12, 16),)
+    opt = fxfuse.optimize(model.eval(), inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1, rep
+    assert "causal" in rep.rewrites[0].variant and "cumsum" in rep.rewrites[0].variant
+    x = torch.randn_like(inputs[0])
+    with torch.no_grad():
+        want, got = copy.deepcopy(model).double()(x.double()), opt(x)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

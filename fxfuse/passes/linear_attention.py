@@ -14,6 +14,8 @@ normaliser; a mask that is not causal) is left alone, with the reason when it lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -229,23 +231,60 @@ def _reaches_scores(w: Node) -> bool:
     return any(read_product(read_chain(a)[0]) is not None for a in w.all_input_nodes)
 
 
-def _linear_roles(p2: Product, kv_side: str, p1: Product) -> Roles | str:
-    """Roles of q @ (k^T v): p1 = kv contracts the sequence axis m of k and v, p2 contracts d."""
+@dataclass
+class KV:
+    """q @ kv with kv = k^T v (non-causal) or kv = cumsum(k v^T outer products, seq_dim) (causal)."""
+
+    p2: Product  # the product with q
+    side: str  # which operand of p2 is kv: "a" | "b"
+    p1: Product  # k with v
+    seq_dim: int | None  # the cumsum axis of p1's output, None when p1 contracts the sequence
+
+
+def _kv_product(node: Node) -> KV | None:
+    """`node` as q @ kv (see KV), or None."""
+    p2 = read_product(node)
+    if p2 is None or p2.bias is not None or p2.alpha != 1.0:
+        return None
+    for side, operand in (("b", p2.b), ("a", p2.a)):
+        seq_dim = None
+        if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
+            seq_dim = operand.args[1] % val(operand).dim()
+            operand = operand.args[0]
+        p1 = read_product(operand)
+        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
+            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
+                return KV(p2, side, p1, seq_dim)
+    return None
+
+
+def _linear_roles(kv: KV) -> Roles | str:
+    """Roles of q @ kv: p1 pairs k and v over the sequence axis m, p2 contracts the feature axis d."""
+    p1, p2 = kv.p1, kv.p2
     (kl, kn), (vl, vn) = (p1.a_labels, p1.a), (p1.b_labels, p1.b)
-    seq = [c for c in kl if c in vl and c not in p1.out_labels]
+    shared = [c for c in kl if c in vl and c not in p1.out_labels]
+    if kv.seq_dim is None:
+        seq = shared
+    else:  # outer products k_m v_m^T, summed up to each m by the cumsum
+        seq = [] if shared else [c for c in p1.out_labels[kv.seq_dim] if c in kl and c in vl]
     d_axis = [c for c in kl if c not in vl]
     e_axis = [c for c in vl if c not in kl]
-    batch = [c for c in p1.out_labels if c in kl and c in vl]
+    batch = [c for c in p1.out_labels if c in kl and c in vl and c not in seq]
     if len(seq) != 1 or len(d_axis) != 1 or len(e_axis) != 1 or not 1 <= len(batch) <= 2:
-        return "k^T v does not contract one sequence axis of [batch, heads, M, D] and [batch, heads, M, E]"
+        return "k and v do not pair over one sequence axis of [batch, heads, M, D] and [batch, heads, M, E]"
     canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{seq[0]: "m", d_axis[0]: "d", e_axis[0]: "e"})
-    kv_labels, ql, qn = (p2.b_labels, p2.a_labels, p2.a) if kv_side == "b" else (p2.a_labels, p2.b_labels, p2.b)
+    kv_labels, ql, qn = (p2.b_labels, p2.a_labels, p2.a) if kv.side == "b" else (p2.a_labels, p2.b_labels, p2.b)
     role = {c: canon[p1.out_labels[i]] for i, c in enumerate(kv_labels)}
     contracted = [c for c in ql if c in kv_labels and c not in p2.out_labels]
     if len(contracted) != 1 or role[contracted[0]] != "d":
         return "q @ kv does not contract the feature axis"
-    n_axis = [c for c in ql if c not in kv_labels]
-    if len(n_axis) != 1 or any(role[c] not in ("b", "h", "d") for c in ql if c in kv_labels):
+    if kv.seq_dim is None:
+        n_axis = [c for c in ql if c not in kv_labels]
+    else:  # row i reads the state summed up to i: q's sequence axis is kv's
+        n_axis = [c for c in ql if role.get(c) == "m" and c in p2.out_labels]
+        if len(ql) != len(kv_labels) - 1:
+            return "q does not fit [batch, heads, N, D]"
+    if len(n_axis) != 1 or any(role[c] not in ("b", "h", "d") for c in ql if c != n_axis[0]):
         return "q does not fit [batch, heads, N, D]"
     role[n_axis[0]] = "n"
     out_labels = "".join(role.get(c, "?") for c in p2.out_labels)
@@ -260,22 +299,9 @@ def _linear_roles(p2: Product, kv_side: str, p1: Product) -> Roles | str:
     return Roles(batch_roles, sizes, q, k, v, out_labels, batch_roles + "nm")
 
 
-def _kv_product(node: Node) -> tuple[Product, str, Product] | None:
-    """(q @ kv, which operand is kv, kv = k^T v) when `node` multiplies by a product of two operands that
-    both carry the sequence axis it contracts."""
-    p2 = read_product(node)
-    if p2 is None or p2.bias is not None or p2.alpha != 1.0:
-        return None
-    for side, operand in (("b", p2.b), ("a", p2.a)):
-        p1 = read_product(operand)
-        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
-            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
-                return p2, side, p1
-    return None
-
-
-def _linear_normaliser(node: Node, q: Node, k: Operand) -> tuple[Node, float] | None:
-    """(numerator, eps) when `node` is num * (1 / (q . sum_m k + eps))[..., None] or num / (...)[..., None]."""
+def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, float] | None:
+    """(numerator, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or num / (...)[..., None],
+    ksum = k summed over the sequence (non-causal) or its cumsum (causal)."""
     if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
         return None
     num, r = node.args
@@ -292,24 +318,38 @@ def _linear_normaliser(node: Node, q: Node, k: Operand) -> tuple[Node, float] | 
     if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
         den, eps = den.args[0], float(den.args[1])
     pd = read_product(den)
-    if pd is None or q not in (pd.a, pd.b):
+    q, k = roles.q, roles.k
+    if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
         return None
-    ksum = pd.b if pd.a is q else pd.a
-    if not is_call(ksum, aten.sum.dim_IntList) or ksum.args[0] is not k.node or (len(ksum.args) > 2 and ksum.args[2]):
+    (ql, sl, ksum) = (pd.a_labels, pd.b_labels, pd.b) if pd.a is q.node else (pd.b_labels, pd.a_labels, pd.a)
+    seq = k.labels.index("m")
+    if causal:
+        ok = is_call(ksum, aten.cumsum.default) and ksum.args[1] % val(ksum).dim() == seq
+        ks_roles = k.labels.replace("m", "n")
+    else:
+        keep = len(ksum.args) > 2 and ksum.args[2]
+        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(k.node).dim() for d in ksum.args[1]] == [seq]
+        ks_roles = k.labels.replace("m", "")
+    if not ok or ksum.args[0] is not k.node:
         return None
-    if [d % val(k.node).dim() for d in ksum.args[1]] != [k.labels.index("m")]:
-        return None
+    role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
+    contracted = [c for c in ql if c in sl and c not in pd.out_labels]
+    if [role[c] for c in contracted] != ["d"] or "".join(
+        role.get(c, "?") for c in pd.out_labels
+    ) + "e" != roles.out_labels:
+        return None  # q . ksum must contract d only and line up with the numerator's rows
     return num, eps
 
 
 def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
-    # q @ (k^T @ v) [/ (q . sum(k) + eps)] -> linear_attention(q, k, v): one op, float32 states
+    # q @ (k^T v) or q @ cumsum(k v^T) [/ (q . sum(k) + eps), / (q . cumsum(k) + eps)] -> linear_attention
     found, normalized = _kv_product(node), None
     if found is not None:
-        roles = _linear_roles(*found)
+        roles = _linear_roles(found)
         if isinstance(roles, str):
             return None
-        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles.q.node, roles.k) is not None:
+        causal = found.seq_dim is not None
+        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles, causal) is not None:
             return None  # the normaliser after it anchors the site
     else:
         args = [a for a in node.args if isinstance(a, Node) and len(a.users) == 1]
@@ -317,15 +357,19 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         if len(hits) != 1:
             return None
         numerator, found = hits[0]
-        roles = _linear_roles(*found)
+        roles = _linear_roles(found)
         if isinstance(roles, str):
             return None
-        normalized = _linear_normaliser(node, roles.q.node, roles.k)
+        causal = found.seq_dim is not None
+        normalized = _linear_normaliser(node, roles, causal)
         if normalized is None or normalized[0] is not numerator:
             return None
-    w = Weights() if normalized is None else Weights(normalize="eps", eps=normalized[1])
-    site = build_site(node, node, roles, w, backend, "already linear")
-    return _reject(node, site, "already linear") if isinstance(site, str) else site
+    w = Weights(causal=causal)
+    if normalized is not None:
+        w.normalize, w.eps = "eps", normalized[1]
+    variant = "already linear (cumsum of outer products)" if causal else "already linear"
+    site = build_site(node, node, roles, w, backend, variant)
+    return _reject(node, site, variant) if isinstance(site, str) else site
 
 
 RULES = (match_quadratic, match_already_linear)
