@@ -56,14 +56,15 @@ def feature_map(node: Node) -> str:
     return f"φ={name}" if name else "φ"
 
 
-def _positive_gen(constants: dict[int, torch.Tensor]):
-    """Verification inputs: feature-mapped q and k are non-negative (row sums stay away from 0, as
-    elu+1, relu, exp and softmax features keep them); known constants keep their value."""
+def _input_gen(constants: dict[int, torch.Tensor], normalized: bool):
+    """Verification inputs: known constants keep their value; when the weights are divided by their row
+    sums, q and k are non-negative, as the feature maps that make such a model work keep them (elu+1,
+    relu, exp, softmax): with signed q and k a row sum near 0 makes the original itself meaningless."""
 
     def gen(i: int, meta: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
         if i in constants:
             return constants[i].clone()
-        if i > 1:
+        if i > 1 or not normalized:
             return None
         g = torch.Generator().manual_seed(1000 * seed + i)
         x = torch.rand(tuple(meta.shape), generator=g, dtype=torch.float64) + 0.05
@@ -129,5 +130,5 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
     parts.append(f"{variant_base}, O(N²d) → O(Nd²)")
     name = linear_attention_backend(backend, val(q.node).device, q_dtype, sizes["d"], sizes["e"])[0]
-    gen = _positive_gen(constants)
+    gen = _input_gen(constants, w.normalize != "none")
     return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
