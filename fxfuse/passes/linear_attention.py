@@ -205,7 +205,7 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
             if after is not None:
                 output, normalize, eps = after
         weights.normalize, weights.eps = normalize, eps
-        site = build_site(node, output, roles, weights, backend, "quadratic form")
+        site = build_site(node, output, roles, weights, backend, "quadratic form O(N²d) → O(Nd²)")
         return _reject(node, site) if isinstance(site, str) else site
     return None
 
@@ -367,7 +367,7 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
     w = Weights(causal=causal)
     if normalized is not None:
         w.normalize, w.eps = "eps", normalized[1]
-    variant = "already linear (cumsum of outer products)" if causal else "already linear"
+    variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"
     site = build_site(node, node, roles, w, backend, variant)
     return _reject(node, site, variant) if isinstance(site, str) else site
 

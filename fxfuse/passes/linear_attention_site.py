@@ -73,7 +73,7 @@ def _input_gen(constants: dict[int, torch.Tensor], normalized: bool):
     return gen
 
 
-def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, variant_base: str) -> Site | str:
+def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, form: str) -> Site | str:
     """The Site (inputs q, k, v and the folded constants; emit builds the op with its layout steps)."""
     from fxfuse.fusion.linear_attention import linear_attention_backend
 
@@ -121,14 +121,13 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
 
     norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}" if w.eps else "row-sum",
             "clamp": f"row-sum clamp(min={w.eps:g})"}  # fmt: skip
-    parts = [feature_map(q.node), norm[w.normalize]]
+    parts = [form, feature_map(q.node), norm[w.normalize]]
     if w.decay is not None:
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
     elif w.causal:
         parts.append("causal")
     if fold and kv_heads[0] != sizes.get("h", 1):
         parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
-    parts.append(f"{variant_base}, O(N²d) → O(Nd²)")
     name = linear_attention_backend(backend, val(q.node).device, q_dtype, sizes["d"], sizes["e"])[0]
     gen = _input_gen(constants, w.normalize != "none")
     return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
