@@ -58,7 +58,7 @@ class CausalLinearLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        tril = torch.tril(torch.ones(n, n, device=x.device))
+        tril = torch.tril(torch.ones(n, n, device=x.device, dtype=x.dtype))
         scores = torch.relu(q) @ torch.relu(k).transpose(-2, -1) * tril
         weights = scores / scores.sum(-1, keepdim=True).clamp(min=1e-4)
         return self.o(_merge(weights @ v))
@@ -87,7 +87,7 @@ class RetentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        retention = (q @ k.transpose(-1, -2)) * self.d**-0.5 * self.decay(x.shape[1])
+        retention = (q @ k.transpose(-1, -2)) * self.d**-0.5 * self.decay(x.shape[1]).to(x.dtype)
         return self.o(_merge(retention @ v))
 
     @staticmethod

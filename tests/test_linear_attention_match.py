@@ -257,3 +257,15 @@ def test_cumsum_of_outer_products_is_causal_linear_attention():
     with torch.no_grad():
         want, got = copy.deepcopy(model).double()(x.double()), opt(x)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_bfloat16_retention_decay_rounded_to_its_dtype():
+    # the bf16 decay matrix is gamma^(i - j) rounded to bf16: still proven a decay, verified at 1e-2
+    model, (x,) = RetentionLayer.make()
+    model, x = model.bfloat16(), x.bfloat16()
+    opt = fxfuse.optimize(model, (x,), patterns=["linear_attention"])
+    assert fxfuse.report(opt).count("linear_attention") == 1, fxfuse.report(opt)
+    with torch.no_grad():
+        want, got = copy.deepcopy(model).double()(x.double()), opt(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2

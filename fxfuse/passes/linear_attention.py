@@ -68,8 +68,8 @@ def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
     return w, "none", 0.0
 
 
-def _decay_of(mask: torch.Tensor, heads: int) -> tuple[list[float] | None] | str:
-    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j), else why not."""
+def _decay_of(mask: torch.Tensor, heads: int, rtol: float) -> tuple[list[float] | None] | str:
+    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j) up to rtol, else why not."""
     n = mask.shape[-1]
     if mask.dim() < 2 or mask.shape[-2] != n:
         return "the mask is not square"
@@ -80,7 +80,7 @@ def _decay_of(mask: torch.Tensor, heads: int) -> tuple[list[float] | None] | str
     dist = i[:, None] - i[None, :]
     gamma = flat[:, 1, 0] if n > 1 else torch.ones(flat.shape[0], dtype=torch.float64)
     want = torch.where(dist >= 0, gamma.view(-1, 1, 1) ** dist.clamp(min=0), 0.0)
-    if not bool(torch.isclose(flat, want, rtol=_DECAY_RTOL, atol=1e-30).all()):
+    if not bool(torch.isclose(flat, want, rtol=rtol, atol=1e-30).all()):
         return "the mask is not causal-structured (a lower-triangular 0/1 mask or a decay gamma^(i - j))"
     if bool((gamma == 1).all()):
         return (None,)
@@ -92,7 +92,7 @@ def _decay_of(mask: torch.Tensor, heads: int) -> tuple[list[float] | None] | str
 def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
     """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
     scale, causal mask and decay, or why they are not."""
-    out, mask = Weights(), None
+    out, mask, rtol = Weights(), None, _DECAY_RTOL
     for t in terms:
         if t.kind == "cast":
             continue
@@ -111,6 +111,8 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
         if const is None:
             return "the scores are multiplied by a mask that is not a constant (a buffer or an input)"
         out.constants[t.node] = const
+        if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
+            rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
         factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
         if factor.dim() > len(scores_labels):
             return "the mask has more axes than the scores"
@@ -122,7 +124,7 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
                 factor = factor.narrow(axis, 0, 1)
         mask = factor if mask is None else mask * factor
     if mask is not None:
-        decay = _decay_of(mask, heads)
+        decay = _decay_of(mask, heads, rtol)
         if isinstance(decay, str):
             return decay
         out.causal, out.decay = True, decay[0]
