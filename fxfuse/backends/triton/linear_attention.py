@@ -48,7 +48,7 @@ def _decay(dist, log2_gamma, DECAY: tl.constexpr):
 def _chunked_kernel(
     a_ptr, b_ptr, c_ptr, out_ptr, log2_gamma_ptr,
     N, M, H, D, E, scale,
-    CAUSAL: tl.constexpr, DECAY: tl.constexpr,
+    CAUSAL: tl.constexpr, DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -68,33 +68,36 @@ def _chunked_kernel(
             rows = start + offs_c[:, None]
             bt = tl.load(b_ptr + rows * D + offs_d[None, :], mask=(rows < M) & in_d, other=0.0)
             ct = tl.load(c_ptr + rows * E + offs_e[None, :], mask=(rows < M) & in_e, other=0.0)
-            state += tl.dot(tl.trans(bt), ct, input_precision="ieee")
+            state += tl.dot(tl.trans(bt), ct, input_precision=DOT_PRECISION)
     for start in range(0, N, BLOCK_C):
         rows = start + offs_c[:, None]
         at = tl.load(a_ptr + rows * D + offs_d[None, :], mask=(rows < N) & in_d, other=0.0)
         if CAUSAL:
             bt = tl.load(b_ptr + rows * D + offs_d[None, :], mask=(rows < N) & in_d, other=0.0)
             ct = tl.load(c_ptr + rows * E + offs_e[None, :], mask=(rows < N) & in_e, other=0.0)
-            s = tl.dot(at, tl.trans(bt), input_precision="ieee")
+            s = tl.dot(at, tl.trans(bt), input_precision=DOT_PRECISION)
             s = s * _decay(offs_c[:, None] - offs_c[None, :], log2_gamma, DECAY)
-            out = tl.dot(s, ct, input_precision="ieee")
+            out = tl.dot(s, ct, input_precision=DOT_PRECISION)
             into = _decay(offs_c[:, None] + 1, log2_gamma, DECAY)  # gamma^(i + 1): state to row i
-            out += tl.dot(at * into, state, input_precision="ieee")
+            out += tl.dot(at * into, state, input_precision=DOT_PRECISION)
             out_of = _decay(BLOCK_C - 1 - offs_c[:, None], log2_gamma, DECAY)  # gamma^(C - 1 - j)
             carry = tl.exp2(BLOCK_C * log2_gamma) if DECAY else 1.0
-            state = state * carry + tl.dot(tl.trans(bt * out_of), ct, input_precision="ieee")
+            state = state * carry + tl.dot(tl.trans(bt * out_of), ct, input_precision=DOT_PRECISION)
         else:
-            out = tl.dot(at, state, input_precision="ieee")
+            out = tl.dot(at, state, input_precision=DOT_PRECISION)
         tl.store(out_ptr + rows * E + offs_e[None, :], out * scale, mask=(rows < N) & in_e)
 
 
 def chunked_product_triton(
-    a: Tensor, b: Tensor, c: Tensor, scale: float, causal: bool, decay: Tensor | None, reverse: bool = False
-) -> Tensor:
+    a: Tensor, b: Tensor, c: Tensor, scale: float, causal: bool, decay: Tensor | None, reverse: bool = False,
+    precision: str = "ieee",
+) -> Tensor:  # fmt: skip
     """out_i = scale * sum_j mask[i, j] (a_i . b_j) c_j, a [B, H, N, D], b [B, H, M, D], c [B, H, M, E]
-    -> [B, H, N, E] float32; decay [H] float64 gammas (causal only, N == M)."""
+    -> [B, H, N, E] float32; decay [H] float64 gammas (causal only, N == M). precision "ieee" keeps
+    float32 products exact to rounding; "tf32" (tensor cores) is for inputs that were half precision."""
     if reverse and causal:
-        return chunked_product_triton(a.flip(-2), b.flip(-2), c.flip(-2), scale, True, decay).flip(-2)
+        flipped = (a.flip(-2), b.flip(-2), c.flip(-2))
+        return chunked_product_triton(*flipped, scale, True, decay, precision=precision).flip(-2)
     batch, heads, n, d = a.shape
     m, e = b.shape[2], c.shape[3]
     a, b, c = (t.to(torch.float32).contiguous() for t in (a, b, c))
@@ -104,12 +107,15 @@ def chunked_product_triton(
     else:
         log2_gamma = out.new_zeros(1)
     block_d, block_e = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(e))
-    block_e = min(block_e, 16 if triton_interpreting() else 64)
+    # one program per (batch * head, E block) walks the whole sequence: narrow E blocks give the GPU more
+    # programs (B * H alone can be a fraction of its SMs) at the price of recomputing a_c b_c^T per block
+    block_e = min(block_e, 16 if triton_interpreting() else 32)
     block_c = 16 if triton_interpreting() else 64
     grid = (batch * heads, triton.cdiv(e, block_e))
     _chunked_kernel[grid](
         a, b, c, out, log2_gamma, n, m, heads, d, e, float(scale),
-        CAUSAL=causal, DECAY=decay is not None, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_E=block_e,
+        CAUSAL=causal, DECAY=decay is not None, DOT_PRECISION=precision,
+        BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_E=block_e,
         num_warps=4, num_stages=1 if triton_interpreting() else 2,
     )  # fmt: skip
     return out
