@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -269,3 +270,29 @@ def test_bfloat16_retention_decay_rounded_to_its_dtype():
         want, got = copy.deepcopy(model).double()(x.double()), opt(x)
     assert got.dtype == torch.bfloat16
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+def taylor_causal(q, k, v):
+    # Based: exp(s) replaced by its second-order Taylor expansion, causal, normalized
+    n = q.shape[2]
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    w = (1 + s + s**2 / 2) * torch.tril(torch.ones(n, n))
+    return (w / w.sum(-1, keepdim=True)) @ v
+
+
+def test_taylor_feature_map_becomes_linear():
+    model, inputs = Core(taylor_causal), (torch.randn(2, 96, 16),)  # d = 8: 1 + 8 + 64 = 73 features < 96
+    opt = fxfuse.optimize(model.eval(), inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1, rep
+    assert "φ=taylor 1 + s + s²/2" in rep.rewrites[0].variant and "causal" in rep.rewrites[0].variant
+    x = torch.randn_like(inputs[0])
+    with torch.no_grad():
+        want, got = copy.deepcopy(model).double()(x.double()), opt(x)
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_taylor_with_more_features_than_keys_is_left_quadratic():
+    opt = fxfuse.optimize(Core(taylor_causal).eval(), (torch.randn(2, 12, 16),), patterns=["linear_attention"])
+    (found,) = fxfuse.report(opt).rewrites
+    assert found.status == "rejected" and "outnumber the keys" in found.reason

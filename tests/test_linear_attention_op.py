@@ -25,9 +25,9 @@ def quadratic(q, k, v, scale, causal, decay, normalize, eps):
     k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)
     w = q @ k.transpose(-1, -2) * scale
     if causal:
-        i = torch.arange(q.shape[2], dtype=torch.float64)
+        i = torch.arange(q.shape[2], dtype=torch.float64, device=q.device)
         dist = i[:, None] - i[None, :]
-        gamma = torch.tensor(decay or [1.0], dtype=torch.float64).view(-1, 1, 1)
+        gamma = torch.tensor(decay or [1.0], dtype=torch.float64, device=q.device).view(-1, 1, 1)
         w = w * torch.where(dist >= 0, gamma ** dist.clamp(min=0), 0.0)
     if normalize == "eps":
         w = w / (w.sum(-1, keepdim=True) + eps)

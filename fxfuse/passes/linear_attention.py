@@ -6,7 +6,8 @@ a product and returns the semantic parameters (roles of q, k, v, scale, causal, 
   what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
   masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
   diagonal (proven by evaluating it), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
-  W / W.sum(-1, keepdim).clamp(min);
+  W / W.sum(-1, keepdim).clamp(min); W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp),
+  which is phi(q) . phi(k) for phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
 - already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps).
 Anything else between the products (softmax, relu^2: the attention family; a bias; an abs-sum
 normaliser; a mask that is not causal) is left alone, with the reason when it looked like this family.
@@ -187,6 +188,9 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
             return _reject(node, found) if _reaches_scores(w_node) else None
         scores, normalize, eps = found
         where, terms = read_chain(scores)
+        taylor = _taylor(where, terms)
+        if taylor is not None:
+            where, terms, inner = taylor
         ps = read_product(where)
         if ps is None or where is scores and normalize == "none" and not _looks_like_scores(ps, pv):
             continue
@@ -200,6 +204,7 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)
+        weights.taylor = inner if taylor is not None else None
         output = node
         if normalize == "none":
             # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product
@@ -210,6 +215,40 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         site = build_site(node, output, roles, weights, backend, "quadratic form O(N²d) → O(Nd²)")
         return _reject(node, site) if isinstance(site, str) else site
     return None
+
+
+def _half_square_of(node: Node, s: Node) -> bool:
+    """Whether `node` is s²/2: s ** 2 / 2, s * s * 0.5, 0.5 * square(s), ..."""
+    if is_call(node, aten.div.Tensor) and node.args[1] == 2:
+        sq = node.args[0]
+    elif is_call(node, aten.mul.Tensor) and 0.5 in node.args[:2]:
+        sq = node.args[1] if node.args[0] == 0.5 else node.args[0]
+    else:
+        return False
+    if is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 or is_call(sq, aten.square.default):
+        return sq.args[0] is s
+    return is_call(sq, aten.mul.Tensor) and sq.args[0] is s and sq.args[1] is s
+
+
+def _taylor(where: Node, terms: list) -> tuple[Node, list, float] | None:
+    """(where the walk down from s stopped, the terms outside the expansion then inside it, the scale of
+    s inside) when the score chain stopped at 1 + s with s²/2 added just outside: the weights are the
+    second-order Taylor expansion of exp(s) (Based)."""
+    if not is_call(where, aten.add.Tensor) or not terms or terms[0].kind != "bias" or terms[0].negate:
+        return None
+    nodes = [a for a in where.args if isinstance(a, Node)]
+    if len(nodes) != 1 or [a for a in where.args if not isinstance(a, Node)] != [1] or len(where.args) != 2:
+        return None
+    s = nodes[0]
+    if not _half_square_of(terms[0].node, s):
+        return None
+    inner_where, inner_terms = read_chain(s)
+    if any(t.kind not in ("scale", "cast") for t in inner_terms):
+        return None
+    inner = 1.0
+    for t in inner_terms:
+        inner *= t.value if t.kind == "scale" else 1.0
+    return inner_where, terms[1:], inner
 
 
 def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | None:

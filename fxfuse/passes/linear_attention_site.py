@@ -42,6 +42,7 @@ class Weights:
     normalize: str = "none"
     eps: float = 0.0
     constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
+    taylor: float | None = None  # the weights are 1 + s + s²/2 of s = taylor * (q . k) (a Taylor exp)
 
 
 def feature_map(node: Node) -> str:
@@ -71,6 +72,18 @@ def _input_gen(constants: dict[int, torch.Tensor], normalized: bool):
         return (x * (100.0 if case == "large" else 1.0)).to(meta.dtype).to(meta.device)
 
     return gen
+
+
+def taylor_features(graph: Graph, x: Node) -> Node:
+    """[..., D] -> [..., 1 + D + D²]: [1, x, vec(x x^T) / sqrt(2)], so phi(a) . phi(b) = 1 + a.b + (a.b)²/2."""
+    one = graph.call_function(aten.ones_like.default, (graph.call_function(aten.slice.Tensor, (x, -1, 0, 1)),))
+    outer = graph.call_function(
+        aten.mul.Tensor,
+        (graph.call_function(aten.unsqueeze.default, (x, -1)), graph.call_function(aten.unsqueeze.default, (x, -2))),
+    )
+    pairs = graph.call_function(aten.flatten.using_ints, (outer, -2, -1))
+    pairs = graph.call_function(aten.mul.Tensor, (pairs, 0.5**0.5))
+    return graph.call_function(aten.cat.default, ([one, x, pairs], -1))
 
 
 def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, form: str) -> Site | str:
@@ -106,6 +119,15 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         if val(output).is_contiguous():
             out_steps.append((aten.contiguous.default, ()))
     scale = w.scale * q.scale * k.scale
+    features = sizes["d"]
+    if w.taylor is not None:
+        # 1 + s + s²/2 = phi(c q) . phi(k) with phi(x) = [1, x, vec(x x^T) / sqrt(2)]: 1 + D + D² features
+        scale, inner = w.scale, w.taylor * q.scale * k.scale
+        features = 1 + sizes["d"] + sizes["d"] ** 2
+        if features >= sizes["m"]:
+            return (
+                f"the Taylor features (1 + d + d² = {features}) outnumber the keys ({sizes['m']}): quadratic is cheaper"
+            )
     params = (scale, w.causal, w.decay, w.normalize, w.eps, backend)
     out_dtype, q_dtype = val(output).dtype, val(q.node).dtype
 
@@ -113,6 +135,9 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         import fxfuse.fusion.linear_attention  # noqa: F401  (registers torch.ops.fxfuse.linear_attention)
 
         qkv = [apply_steps(graph, nodes[i], plans[i]) for i in range(3)]
+        if w.taylor is not None:
+            qkv[0] = taylor_features(graph, graph.call_function(aten.mul.Tensor, (qkv[0], inner)))
+            qkv[1] = taylor_features(graph, qkv[1])
         out = graph.call_function(torch.ops.fxfuse.linear_attention.default, (*qkv, *params))
         out = apply_steps(graph, out, out_steps)
         if out_dtype != q_dtype:
@@ -121,13 +146,14 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
 
     norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}" if w.eps else "row-sum",
             "clamp": f"row-sum clamp(min={w.eps:g})"}  # fmt: skip
-    parts = [form, feature_map(q.node), norm[w.normalize]]
+    fmap = "φ=taylor 1 + s + s²/2" if w.taylor is not None else feature_map(q.node)
+    parts = [form, fmap, norm[w.normalize]]
     if w.decay is not None:
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
     elif w.causal:
         parts.append("causal")
     if fold and kv_heads[0] != sizes.get("h", 1):
         parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
-    name = linear_attention_backend(backend, val(q.node).device, q_dtype, sizes["d"], sizes["e"])[0]
+    name = linear_attention_backend(backend, val(q.node).device, q_dtype, features, sizes["e"])[0]
     gen = _input_gen(constants, w.normalize != "none")
     return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
