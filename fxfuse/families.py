@@ -36,6 +36,10 @@ FAMILIES: dict[str, Family] = {
         Family("attention", "attention", "fxfuse.passes.attention:find_attention", "fxfuse::attention",
                "fxfuse.fusion.attention", "fxfuse.onnx.attention:check_attention",
                "fxfuse.onnx.attention:attention_to_onnx"),
+        Family("linear_attention", "linear attention", "fxfuse.passes.linear_attention:find_linear_attention",
+               "fxfuse::linear_attention", "fxfuse.fusion.linear_attention",
+               "fxfuse.onnx.linear_attention:check_linear_attention",
+               "fxfuse.onnx.linear_attention:linear_attention_to_onnx"),
     )
 }  # fmt: skip
 

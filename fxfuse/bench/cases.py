@@ -107,6 +107,45 @@ def attention_short() -> tuple[Fn, Fn]:
 QUICK_SPP_SHAPE = {"parallel-5-9-13": (1, 256, 20, 20), "sppf-chain": (1, 256, 20, 20)}
 
 
+def eager_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Linear attention as its papers' quadratic form: (phi(q) phi(k)^T [* tril]) / row sum, then @ v."""
+    s = torch.matmul(q, k.transpose(-2, -1))
+    if causal:
+        s = s * torch.tril(torch.ones(q.shape[2], q.shape[2]))
+    return torch.matmul(s / (s.sum(-1, keepdim=True) + 1e-6), v)
+
+
+def _linear_attention_pair(b: int, h: int, n: int, d: int, causal: bool) -> tuple[Fn, Fn]:
+    from fxfuse.fusion.linear_attention import linear_attention
+
+    # feature-mapped q and k (elu + 1, relu, exp) are non-negative
+    q, k, v = torch.rand(b, h, n, d), torch.rand(b, h, n, d), torch.randn(b, h, n, d)
+    fused = lambda: linear_attention(q, k, v, causal=causal, normalize="eps", eps=1e-6)
+    pair = no_grad(lambda: eager_linear_attention(q, k, v, causal)), no_grad(fused)
+    check_close(*pair, rtol=OP_RTOL)
+    return pair
+
+
+@case("op/linear_attention[1x4x1024x32]", compile=True)
+def linear_attention_1k() -> tuple[Fn, Fn]:
+    return _linear_attention_pair(1, 4, 1024, 32, causal=False)
+
+
+@case("op/linear_attention[1x4x1024x32,causal]", compile=True)
+def linear_attention_causal_1k() -> tuple[Fn, Fn]:
+    return _linear_attention_pair(1, 4, 1024, 32, causal=True)
+
+
+@case("op/linear_attention[1x4x4096x32]", quick=False)
+def linear_attention_4k() -> tuple[Fn, Fn]:
+    return _linear_attention_pair(1, 4, 4096, 32, causal=False)
+
+
+@case("op/linear_attention[1x4x4096x32,causal]", quick=False)
+def linear_attention_causal_4k() -> tuple[Fn, Fn]:
+    return _linear_attention_pair(1, 4, 4096, 32, causal=True)
+
+
 @family("op/spp (benchmarks/spp_op.py)")
 def spp_op_cases() -> list[Case]:
     """One case per entry of `spp_cases(shape)` (name, eager_fn, fused_fn, inputs), at the module's
@@ -189,6 +228,25 @@ def attention_models_at_length() -> list[Case]:
 @family("model/* (examples/spp_models.py)")
 def spp_models() -> list[Case]:
     return _model_family("examples/spp_models.py")
+
+
+@family("model/* (examples/linear_attention_models.py)")
+def linear_attention_models() -> list[Case]:
+    return _model_family("examples/linear_attention_models.py")
+
+
+@family("model/*[N] (linear attention layers at sequence 1k-4k, d = 32 per head)")
+def linear_attention_models_at_length() -> list[Case]:
+    """The elu + 1 layer (projections included) at N = 1024 (quick) and 4096, the causal one at 4096:
+    the quadratic form as written against `optimize` (issue target: >= 10x, >= 30x and >= 5x)."""
+    module = load_repo_module("examples/linear_attention_models.py")
+    specs = [("linear_transformer[1024]", module.make_linear_transformer_at, 1024, True),
+             ("linear_transformer[4096]", module.make_linear_transformer_at, 4096, False),
+             ("causal_linear[4096]", module.make_causal_linear_at, 4096, False)]  # fmt: skip
+    return [
+        Case(f"model/{name}", lambda make=make, n=n: optimized_model_pair(lambda: make(n)), quick=quick, group="model")
+        for name, make, n, quick in specs
+    ]
 
 
 class NoPatternNet(torch.nn.Module):

@@ -8,6 +8,8 @@ after every section, so a killed section loses only itself):
   efficient) and compiled flex_attention with the same mask. Work per row is kept near constant the way
   the FlashAttention benchmarks do it: B = 16k / N, H = 2048 / D.
 - spp: the fused SPP op against the eager pyramid from benchmarks/spp_op.py, in GB/s.
+- linear_attention: the Triton chunked kernel against the eager quadratic form and causal SDPA
+  (gpu_linear_attention.py).
 Nothing here needs CUDA at import time; the formulas and table rendering are unit-tested on CPU.
 """
 
@@ -33,7 +35,7 @@ IMPLS = ("fxfuse", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 FLEX_SEQ_LENS = (1024, 4096, 16384)  # each shape is a fresh compile; a few sizes show the trend
 # The YOLO neck at 640 px (batch 8), and a batch big enough that bandwidth, not launch latency, decides.
 SPP_SHAPES = ((8, 256, 20, 20), (32, 256, 80, 80))
-BUDGET_S = {"attention": 210.0, "spp": 40.0}
+BUDGET_S = {"attention": 210.0, "spp": 40.0, "linear_attention": 90.0}
 # Backward runs five N x N x D matmuls (recomputed S, dV, dP, dQ, dK) to the forward's two (S, PV).
 BACKWARD_FACTOR = 2.5
 
@@ -317,6 +319,11 @@ def render_markdown(results: dict) -> str:
         ]
         head = ("case", "eager ms", "eager GB/s", "fused ms", "fused GB/s", "speedup")
         out += [format_table(head, rows, markdown=True), ""]
+    linear = [c for c in cases if c.get("section") == "linear_attention"]
+    if linear:
+        from fxfuse.bench.gpu_linear_attention import render_linear_attention
+
+        out += render_linear_attention(linear)
     return "\n".join(out)
 
 
@@ -363,7 +370,9 @@ def main_gpu(args: argparse.Namespace) -> int:
     for section in sections:
         budget = args.budget_s if args.budget_s is not None else BUDGET_S[section]
         print(f"[gpu] {section} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
-        run = run_attention if section == "attention" else run_spp
+        from fxfuse.bench.gpu_linear_attention import run_linear_attention
+
+        run = {"attention": run_attention, "spp": run_spp, "linear_attention": run_linear_attention}[section]
         try:
             records = run(time.monotonic() + budget)
         except Exception as e:  # e.g. the op module is not importable: record, go on with the next section

@@ -166,7 +166,20 @@ def apply_site(gm: GraphModule, site: Site, region: list[Node]) -> Node:
     for node in reversed(region):
         if not node.users:
             graph.erase_node(node)
+    for node in site.inputs:
+        _erase_if_dead(node)  # a folded constant (a causal mask built in forward) that only the region read
     return new
+
+
+def _erase_if_dead(node: Node) -> None:
+    """Erase `node` and, in turn, its inputs when nothing uses them and they are pure, non-random ops."""
+    seeded = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+    if node.op != "call_function" or node.users or node.is_impure() or seeded or getattr(node, "_erased", False):
+        return
+    inputs = node.all_input_nodes
+    node.graph.erase_node(node)
+    for x in inputs:
+        _erase_if_dead(x)
 
 
 def _stale(site: Site, graph: Graph) -> bool:

@@ -1,0 +1,433 @@
+"""Linear attention: softmax-free attention `(phi(Q) phi(K)^T) V` reassociated to `phi(Q) (phi(K)^T V)`.
+
+Feature maps stay graph ops; the matcher needs only the product structure. A rule in `RULES` anchors on
+a product and returns the semantic parameters (roles of q, k, v, scale, causal, decay, normaliser):
+- quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
+  what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
+  masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
+  diagonal (proven by evaluating it), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
+  W / W.sum(-1, keepdim).clamp(min); W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp),
+  which is phi(q) . phi(k) for phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
+- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps).
+Anything else between the products (softmax, relu^2: the attention family; a bias; an abs-sum
+normaliser; a mask that is not causal) is left alone, with the reason when it looked like this family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxfuse.passes.attention_layout import Operand, Product, read_product, val
+from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
+from fxfuse.passes.site import Rejection, Site
+
+aten = torch.ops.aten
+_DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
+
+
+def _reject(anchor: Node, why: str, variant: str = "quadratic form") -> Rejection:
+    return Rejection(PATTERN, variant, anchor, why)
+
+
+def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
+    """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
+    is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
+    mode, eps = "eps", 0.0
+    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args):
+        number = 1 if isinstance(den.args[1], (int, float)) else 0  # sum + eps or eps + sum
+        den, eps = den.args[1 - number], float(den.args[number])
+    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
+            return "the normaliser is clamped from above"
+        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    if not is_call(den, aten.sum.dim_IntList):
+        return None
+    inner = den.args[0]
+    if is_call(inner, aten.abs.default) and inner.args[0] is s:
+        return "the normaliser sums |scores| (retention's abs-sum): not linearisable"
+    if inner is not s:
+        return None
+    keep = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
+    dims = [d % val(s).dim() for d in den.args[1]]
+    if dims != [val(s).dim() - 1] or not keep:
+        return "the normaliser is not a sum over the key axis (row sum)"
+    return mode, eps
+
+
+def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
+    """(scores, normalize, eps) for W = S / rowsum(S)..., (W, "none", 0) for anything else."""
+    if is_call(w, aten.div.Tensor) and isinstance(w.args[1], Node):
+        found = _row_sum_of(w.args[1], w.args[0])
+        if isinstance(found, str):
+            return found
+        if found is not None:
+            return w.args[0], *found
+    return w, "none", 0.0
+
+
+def _decay_of(mask: torch.Tensor, heads: int, rtol: float) -> tuple[list[float] | None] | str:
+    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j) up to rtol, else why not."""
+    n = mask.shape[-1]
+    if mask.dim() < 2 or mask.shape[-2] != n:
+        return "the mask is not square"
+    flat = mask.double().reshape(-1, n, n)
+    if flat.shape[0] not in (1, heads):
+        return "the mask varies along a batch axis"
+    i = torch.arange(n, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]
+    gamma = flat[:, 1, 0] if n > 1 else torch.ones(flat.shape[0], dtype=torch.float64)
+    want = torch.where(dist >= 0, gamma.view(-1, 1, 1) ** dist.clamp(min=0), 0.0)
+    if not bool(torch.isclose(flat, want, rtol=rtol, atol=1e-30).all()):
+        return "the mask is not causal-structured (a lower-triangular 0/1 mask or a decay gamma^(i - j))"
+    if bool((gamma == 1).all()):
+        return (None,)
+    if bool((gamma < 0).any()):
+        return "the decay factors are negative"
+    return ([float(g) for g in gamma],)
+
+
+def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
+    """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
+    scale, causal mask and decay, or why they are not."""
+    out, mask, rtol = Weights(), None, _DECAY_RTOL
+    for t in terms:
+        if t.kind == "cast":
+            continue
+        if t.kind == "scale":
+            out.scale *= t.value
+            if t.const is not None:
+                out.constants[t.const] = constant_value(t.const)
+            continue
+        if t.kind == "bias":
+            return "a bias is added to the scores: not linearisable"
+        if t.kind == "mask" and t.value != 0.0:
+            return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
+        if t.kind not in ("temperature", "mask") or t.negate:
+            return "the scores go through an op the fused op cannot express"
+        const = constant_value(t.node)
+        if const is None:
+            return "the scores are multiplied by a mask that is not a constant (a buffer or an input)"
+        out.constants[t.node] = const
+        if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
+            rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
+        factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
+        if factor.dim() > len(scores_labels):
+            return "the mask has more axes than the scores"
+        factor = factor.reshape((1,) * (len(scores_labels) - factor.dim()) + tuple(factor.shape))
+        for axis, label in enumerate(scores_labels[:-2]):
+            if label != "h" and factor.shape[axis] != 1:
+                if not bool((factor == factor.narrow(axis, 0, 1)).all()):
+                    return "the mask varies along the batch axis"
+                factor = factor.narrow(axis, 0, 1)
+        mask = factor if mask is None else mask * factor
+    if mask is not None:
+        decay = _decay_of(mask, heads, rtol)
+        if isinstance(decay, str):
+            return decay
+        out.causal, out.decay = True, decay[0]
+    return out
+
+
+def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
+    """Name every axis: the score product ps = q k^T gives batch, n, m, d; the value product pv adds e."""
+    w_labels, v_labels = (pv.a_labels, pv.b_labels) if weights_operand == "a" else (pv.b_labels, pv.a_labels)
+    v_node = pv.b if weights_operand == "a" else pv.a
+    contracted = [c for c in w_labels if c in v_labels and c not in pv.out_labels]
+    if len(contracted) != 1:
+        return "the value product is not W @ v over one key axis"
+    key_axis = w_labels.index(contracted[0])
+    if key_axis != len(w_labels) - 1:
+        return "the value product contracts another axis than the scores' last (key) axis"
+    m = ps.out_labels[key_axis]
+    dims = [c for c in ps.a_labels if c in ps.b_labels and c not in ps.out_labels]
+    if len(dims) != 1 or (m in ps.a_labels) == (m in ps.b_labels):
+        return "the score product is not q @ k^T over one feature dim"
+    (ql, qn), (kl, kn) = ((ps.a_labels, ps.a), (ps.b_labels, ps.b))[:: 1 if m in ps.b_labels else -1]
+    ns = [c for c in ps.out_labels if c in ql and c not in kl and c != m]
+    if len(ns) != 1:
+        return "the score product has no single query axis"
+    batch = "".join(c for c in ps.out_labels if c not in (m, ns[0]))
+    if not batch or len(batch) > 2 or any(c not in ql or c not in kl for c in batch):
+        return "q and k do not share the batch axes of the scores"
+    if set(ql) - set(batch + ns[0] + dims[0]) or set(kl) - set(batch + m + dims[0]):
+        return "q or k does not fit [batch, heads, N, D]"
+    canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{ns[0]: "n", m: "m", dims[0]: "d"})
+    to_role = {w_labels[i]: canon[c] for i, c in enumerate(ps.out_labels)}
+    extra = [c for c in v_labels if c not in to_role]
+    if len(extra) != 1 or any(to_role.get(c) not in ("b", "h", "m") for c in v_labels if c != extra[0]):
+        return "the value operand does not fit [batch, heads, M, E]"
+    to_role[extra[0]] = "e"
+    out_labels = "".join(to_role.get(c, "?") for c in pv.out_labels)
+    batch_roles = "".join(canon[c] for c in batch)
+    vl = "".join(to_role[c] for c in v_labels)
+    if sorted(out_labels) != sorted(batch_roles + "ne") or "m" not in vl or any(c not in vl for c in batch_roles):
+        return "the output is not [batch, heads, N, E]"
+    sizes = {canon[c]: int(s) for c, s in zip(ps.out_labels, val(ps.node).shape)}
+    sizes["d"] = int(val(qn).shape[ql.index(dims[0])])
+    sizes["e"] = int(val(v_node).shape[v_labels.index(extra[0])])
+    q = Operand(qn, "".join(canon[c] for c in ql))
+    k = Operand(kn, "".join(canon[c] for c in kl))
+    scores_labels = "".join(canon[c] for c in ps.out_labels)
+    if not scores_labels.endswith("nm"):
+        return "the scores are not laid out [batch, N, M]"
+    return Roles(batch_roles, sizes, q, k, Operand(v_node, vl), out_labels, scores_labels)
+
+
+def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
+    # W @ v with W = (q @ k^T) [* constant mask or decay] [/ row-sum] -> linear_attention(q, k, v)
+    pv = read_product(node)
+    if pv is None or pv.bias is not None or pv.alpha != 1.0:
+        return None
+    for which, w_node in (("a", pv.a), ("b", pv.b)):
+        found = _normaliser(w_node)
+        if isinstance(found, str):
+            return _reject(node, found) if _reaches_scores(w_node) else None
+        scores, normalize, eps = found
+        where, terms = read_chain(scores)
+        taylor = _taylor(where, terms)
+        if taylor is not None:
+            where, terms, inner = taylor
+        ps = read_product(where)
+        if ps is None or where is scores and normalize == "none" and not _looks_like_scores(ps, pv):
+            continue
+        if ps.bias is not None or ps.alpha != 1.0:
+            return _reject(node, "a bias is added to the scores: not linearisable")
+        roles = _roles(ps, pv, which)
+        if isinstance(roles, str):
+            continue
+        if val(scores) is None or val(scores).shape != val(ps.node).shape:
+            return _reject(node, "the scores change shape before the value product")
+        weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
+        if isinstance(weights, str):
+            return _reject(node, weights)
+        weights.taylor = inner if taylor is not None else None
+        output = node
+        if normalize == "none":
+            # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product
+            after = _normalised_output(node, scores) if roles.out_labels.endswith("ne") else None
+            if after is not None:
+                output, normalize, eps = after
+        weights.normalize, weights.eps = normalize, eps
+        site = build_site(node, output, roles, weights, backend, "quadratic form O(N²d) → O(Nd²)")
+        return _reject(node, site) if isinstance(site, str) else site
+    return None
+
+
+def _half_square_of(node: Node, s: Node) -> bool:
+    """Whether `node` is s²/2: s ** 2 / 2, s * s * 0.5, 0.5 * square(s), ..."""
+    if is_call(node, aten.div.Tensor) and node.args[1] == 2:
+        sq = node.args[0]
+    elif is_call(node, aten.mul.Tensor) and 0.5 in node.args[:2]:
+        sq = node.args[1] if node.args[0] == 0.5 else node.args[0]
+    else:
+        return False
+    if is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 or is_call(sq, aten.square.default):
+        return sq.args[0] is s
+    return is_call(sq, aten.mul.Tensor) and sq.args[0] is s and sq.args[1] is s
+
+
+def _taylor(where: Node, terms: list) -> tuple[Node, list, float] | None:
+    """(where the walk down from s stopped, the terms outside the expansion then inside it, the scale of
+    s inside) when the score chain stopped at 1 + s with s²/2 added just outside: the weights are the
+    second-order Taylor expansion of exp(s) (Based)."""
+    if not is_call(where, aten.add.Tensor) or not terms or terms[0].kind != "bias" or terms[0].negate:
+        return None
+    nodes = [a for a in where.args if isinstance(a, Node)]
+    if len(nodes) != 1 or [a for a in where.args if not isinstance(a, Node)] != [1] or len(where.args) != 2:
+        return None
+    s = nodes[0]
+    if not _half_square_of(terms[0].node, s):
+        return None
+    inner_where, inner_terms = read_chain(s)
+    if any(t.kind not in ("scale", "cast") for t in inner_terms):
+        return None
+    inner = 1.0
+    for t in inner_terms:
+        inner *= t.value if t.kind == "scale" else 1.0
+    return inner_where, terms[1:], inner
+
+
+def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | None:
+    """(the division, normalize, eps) when `out`'s only user divides it by a row sum of `scores`."""
+    if len(out.users) != 1:
+        return None
+    user = next(iter(out.users))
+    if not is_call(user, aten.div.Tensor) or user.args[0] is not out or not isinstance(user.args[1], Node):
+        return None
+    found = _row_sum_of(user.args[1], scores)
+    return (user, *found) if isinstance(found, tuple) else None
+
+
+def _looks_like_scores(ps: Product, pv: Product) -> bool:
+    """A bare product of products (x @ A @ B) is linear attention only when q, k and v all carry the
+    batch axes and a sequence axis: not a chain of weight matrices."""
+    return all(val(t) is not None and val(t).dim() >= 3 for t in (ps.a, ps.b, pv.a, pv.b))
+
+
+def _reaches_scores(w: Node) -> bool:
+    return any(read_product(read_chain(a)[0]) is not None for a in w.all_input_nodes)
+
+
+@dataclass
+class KV:
+    """q @ kv with kv = k^T v (non-causal) or kv = cumsum(k v^T outer products, seq_dim) (causal)."""
+
+    p2: Product  # the product with q
+    side: str  # which operand of p2 is kv: "a" | "b"
+    p1: Product  # k with v
+    seq_dim: int | None  # the cumsum axis of p1's output, None when p1 contracts the sequence
+
+
+def _kv_product(node: Node) -> KV | None:
+    """`node` as q @ kv (see KV), or None."""
+    p2 = read_product(node)
+    if p2 is None or p2.bias is not None or p2.alpha != 1.0:
+        return None
+    for side, operand in (("b", p2.b), ("a", p2.a)):
+        seq_dim = None
+        if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
+            seq_dim = operand.args[1] % val(operand).dim()
+            operand = operand.args[0]
+        p1 = read_product(operand)
+        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
+            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
+                return KV(p2, side, p1, seq_dim)
+    return None
+
+
+def _linear_roles(kv: KV) -> Roles | str:
+    """Roles of q @ kv: p1 pairs k and v over the sequence axis m, p2 contracts the feature axis d."""
+    p1, p2 = kv.p1, kv.p2
+    (kl, kn), (vl, vn) = (p1.a_labels, p1.a), (p1.b_labels, p1.b)
+    shared = [c for c in kl if c in vl and c not in p1.out_labels]
+    if kv.seq_dim is None:
+        seq = shared
+    else:  # outer products k_m v_m^T, summed up to each m by the cumsum
+        seq = [] if shared else [c for c in p1.out_labels[kv.seq_dim] if c in kl and c in vl]
+    d_axis = [c for c in kl if c not in vl]
+    e_axis = [c for c in vl if c not in kl]
+    batch = [c for c in p1.out_labels if c in kl and c in vl and c not in seq]
+    if len(seq) != 1 or len(d_axis) != 1 or len(e_axis) != 1 or not 1 <= len(batch) <= 2:
+        return "k and v do not pair over one sequence axis of [batch, heads, M, D] and [batch, heads, M, E]"
+    canon = dict(zip(batch, "bh"[2 - len(batch) :]), **{seq[0]: "m", d_axis[0]: "d", e_axis[0]: "e"})
+    kv_labels, ql, qn = (p2.b_labels, p2.a_labels, p2.a) if kv.side == "b" else (p2.a_labels, p2.b_labels, p2.b)
+    role = {c: canon[p1.out_labels[i]] for i, c in enumerate(kv_labels)}
+    contracted = [c for c in ql if c in kv_labels and c not in p2.out_labels]
+    if len(contracted) != 1 or role[contracted[0]] != "d":
+        return "q @ kv does not contract the feature axis"
+    if kv.seq_dim is None:
+        n_axis = [c for c in ql if c not in kv_labels]
+    else:  # row i reads the state summed up to i: q's sequence axis is kv's
+        n_axis = [c for c in ql if role.get(c) == "m" and c in p2.out_labels]
+        if len(ql) != len(kv_labels) - 1:
+            return "q does not fit [batch, heads, N, D]"
+    if len(n_axis) != 1 or any(role[c] not in ("b", "h", "d") for c in ql if c != n_axis[0]):
+        return "q does not fit [batch, heads, N, D]"
+    role[n_axis[0]] = "n"
+    out_labels = "".join(role.get(c, "?") for c in p2.out_labels)
+    batch_roles = "".join(canon[c] for c in batch)
+    if sorted(out_labels) != sorted(batch_roles + "ne") or sorted(role[c] for c in ql) != sorted(batch_roles + "nd"):
+        return "the output is not [batch, heads, N, E]"
+    sizes = {canon[c]: int(n) for c, n in zip(kl, val(kn).shape)}
+    sizes.update({canon[c]: int(n) for c, n in zip(vl, val(vn).shape)})
+    sizes["n"] = int(val(qn).shape[ql.index(n_axis[0])])
+    q = Operand(qn, "".join(role[c] for c in ql))
+    k, v = Operand(kn, "".join(canon[c] for c in kl)), Operand(vn, "".join(canon[c] for c in vl))
+    return Roles(batch_roles, sizes, q, k, v, out_labels, batch_roles + "nm")
+
+
+def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, float] | None:
+    """(numerator, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or num / (...)[..., None],
+    ksum = k summed over the sequence (non-causal) or its cumsum (causal)."""
+    if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
+        return None
+    num, r = node.args
+    if node.target is aten.mul.Tensor and not is_call(r, aten.unsqueeze.default):
+        num, r = r, num
+    if not is_call(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
+        return None
+    den = r.args[0]
+    if node.target is aten.mul.Tensor:
+        if not is_call(den, aten.reciprocal.default):
+            return None
+        den = den.args[0]
+    eps = 0.0
+    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
+        den, eps = den.args[0], float(den.args[1])
+    pd = read_product(den)
+    q, k = roles.q, roles.k
+    if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
+        return None
+    (ql, sl, ksum) = (pd.a_labels, pd.b_labels, pd.b) if pd.a is q.node else (pd.b_labels, pd.a_labels, pd.a)
+    seq = k.labels.index("m")
+    if causal:
+        ok = is_call(ksum, aten.cumsum.default) and ksum.args[1] % val(ksum).dim() == seq
+        ks_roles = k.labels.replace("m", "n")
+    else:
+        keep = len(ksum.args) > 2 and ksum.args[2]
+        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(k.node).dim() for d in ksum.args[1]] == [seq]
+        ks_roles = k.labels.replace("m", "")
+    if not ok or ksum.args[0] is not k.node:
+        return None
+    role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
+    contracted = [c for c in ql if c in sl and c not in pd.out_labels]
+    if [role[c] for c in contracted] != ["d"] or "".join(
+        role.get(c, "?") for c in pd.out_labels
+    ) + "e" != roles.out_labels:
+        return None  # q . ksum must contract d only and line up with the numerator's rows
+    return num, eps
+
+
+def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
+    # q @ (k^T v) or q @ cumsum(k v^T) [/ (q . sum(k) + eps), / (q . cumsum(k) + eps)] -> linear_attention
+    found, normalized = _kv_product(node), None
+    if found is not None:
+        roles = _linear_roles(found)
+        if isinstance(roles, str):
+            return None
+        causal = found.seq_dim is not None
+        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles, causal) is not None:
+            return None  # the normaliser after it anchors the site
+    else:
+        args = [a for a in node.args if isinstance(a, Node) and len(a.users) == 1]
+        hits = [(a, hit) for a in args if (hit := _kv_product(a)) is not None]
+        if len(hits) != 1:
+            return None
+        numerator, found = hits[0]
+        roles = _linear_roles(found)
+        if isinstance(roles, str):
+            return None
+        causal = found.seq_dim is not None
+        normalized = _linear_normaliser(node, roles, causal)
+        if normalized is None or normalized[0] is not numerator:
+            return None
+    w = Weights(causal=causal)
+    if normalized is not None:
+        w.normalize, w.eps = "eps", normalized[1]
+    variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"
+    site = build_site(node, node, roles, w, backend, variant)
+    return _reject(node, site, variant) if isinstance(site, str) else site
+
+
+RULES = (match_quadratic, match_already_linear)
+
+
+def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:
+    """Every linear-attention site in `gm` (canonicalized ATen graph): a Site, or why it was left alone."""
+    results: list[Site | Rejection] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or val(node) is None:
+            continue
+        for rule in RULES:
+            try:
+                hit = rule(node, backend)
+            except Exception as exc:  # one odd site must not cost the model its other sites
+                hit = _reject(node, f"matcher error ({type(exc).__name__}: {exc})")
+            if hit is not None:
+                results.append(hit)
+                break
+    return results
