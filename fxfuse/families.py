@@ -36,6 +36,8 @@ FAMILIES: dict[str, Family] = {
         Family("attention", "attention", "fxfuse.passes.attention:find_attention", "fxfuse::attention",
                "fxfuse.fusion.attention", "fxfuse.onnx.attention:check_attention",
                "fxfuse.onnx.attention:attention_to_onnx"),
+        Family("ssm_scan", "ssm scan", "fxfuse.passes.ssm_scan:find_ssm_scan", "fxfuse::selective_scan",
+               "fxfuse.fusion.ssm_scan"),
     )
 }  # fmt: skip
 
