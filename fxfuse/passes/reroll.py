@@ -134,21 +134,27 @@ def _template(bodies: list[list[Node]]) -> dict[tuple[int, tuple], Slot]:
     return slots
 
 
+def _holds(slot: Slot, v: object, pos: dict[Node, int], prev: list[Node], step: int) -> bool:
+    """Whether argument value `v` of step `step` is what `slot` says it must be."""
+    if slot.kind == "body":
+        return isinstance(v, Node) and pos.get(v) == slot.value
+    if slot.kind == "carry":
+        return isinstance(v, Node) and prev[slot.value] is v
+    if slot.kind == "inv":
+        return v is slot.value
+    if slot.kind == "const":
+        return not isinstance(v, Node) and v == slot.value
+    stride, at_one = slot.value
+    return v == at_one + (step - 1) * stride
+
+
 def _check_step(loop_slots, body: list[Node], prev: list[Node], template: list[Node], step: int) -> None:
     pos = {n: j for j, n in enumerate(body)}
     for k, (t, n) in enumerate(zip(template, body)):
         if n.op != t.op or _shape(n) != _shape(t):
             raise NotALoop(f"step {step} differs from step 1 ({n.name}: {n.target} vs {t.target})")
         for path, v in _arg_items(n):
-            slot = loop_slots[k, path]
-            ok = {
-                "body": lambda: isinstance(v, Node) and pos.get(v) == slot.value,
-                "carry": lambda: isinstance(v, Node) and prev[slot.value] is v,
-                "inv": lambda: v is slot.value,
-                "const": lambda: not isinstance(v, Node) and v == slot.value,
-                "time": lambda: v == slot.value[1] + (step - 1) * slot.value[0],
-            }[slot.kind]()
-            if not ok:
+            if not _holds(loop_slots[k, path], v, pos, prev, step):
                 raise NotALoop(f"step {step} differs from step 1 at {n.name}")
 
 
@@ -218,7 +224,6 @@ def find_loop(anchor: Node) -> Loop:
     slots = _template(bodies)
     for step in range(3, len(outputs)):
         _check_step(slots, bodies[step], bodies[step - 1], bodies[1], step)
-    _check_step(slots, bodies[2], bodies[1], bodies[1], 2)
     carried = sorted({s.value for s in slots.values() if s.kind == "carry"})
     if not carried:
         raise NotALoop("the steps carry no state from one to the next (a parallel map, not a recurrence)")

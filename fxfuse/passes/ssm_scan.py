@@ -129,7 +129,8 @@ def _readout(out: Node, h: Node, time_index) -> tuple[str, str, Node, tuple, tup
         d = node.args[1][0] % 3
         kind, contracted = "sum", h_labels[d]
         partner = prod.args[1 - side]
-        partner_labels = tuple(None if s == 1 else lab for s, lab in zip(shape(partner), h_labels[-len(shape(partner)):]))
+        aligned = h_labels[len(h_labels) - len(shape(partner)) :]
+        partner_labels = tuple(None if s == 1 else lab for s, lab in zip(shape(partner), aligned))
         keep = len(node.args) > 2 and node.args[2]
         labels = tuple(None if j == d else lab for j, lab in enumerate(h_labels) if keep or j != d)
     else:
@@ -142,8 +143,10 @@ def _readout(out: Node, h: Node, time_index) -> tuple[str, str, Node, tuple, tup
 
 
 def output_labels_possible(node: Node) -> bool:
-    return node.op == "call_function" and isinstance(node.args[0] if node.args else None, Node) and (
-        input_labels(node, tuple([None] * len(shape(node))), lambda _: None) is not None
+    return (
+        node.op == "call_function"
+        and isinstance(node.args[0] if node.args else None, Node)
+        and (input_labels(node, tuple([None] * len(shape(node))), lambda _: None) is not None)
     )
 
 
@@ -280,7 +283,8 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     try:
         loop = find_loop(anchor)
     except NotALoop as exc:
-        return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if chained(per_step_outputs(anchor)[0]) else None
+        recurrent = chained(per_step_outputs(anchor)[0])
+        return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
     variant = f"{loop.length} steps"
     try:
         found = analyze(loop)
@@ -319,8 +323,18 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     variant = (f"{loop.length} steps → 1 scan, selective, fused discretization, time dim {found['time_dim']}, "
                f"readout {found['kind']}" + (", initial state" if init is not None else "")
                + (", final state" if extra else ""))  # fmt: skip
-    return Site("ssm_scan", variant, anchor, anchor, inputs, emit, backend=_backend_name(backend, anchor),
-                tolerance=SCAN_TOLERANCE, input_gen=_input_gen(inputs, parts), extra_outputs=extra)
+    return Site(
+        "ssm_scan",
+        variant,
+        anchor,
+        anchor,
+        inputs,
+        emit,
+        backend=_backend_name(backend, anchor),
+        tolerance=SCAN_TOLERANCE,
+        input_gen=_input_gen(inputs, parts),
+        extra_outputs=extra,
+    )
 
 
 def _backend_name(backend: str, anchor: Node) -> str:
