@@ -55,8 +55,11 @@ def _library() -> ctypes.CDLL | str:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            run = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
-                                 capture_output=True, text=True)  # fmt: skip
+            try:
+                run = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(_SOURCE), "-lm"],
+                                     capture_output=True, text=True, timeout=120)  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"the C compiler {compiler} did not run ({exc}); the reference runs instead"
             if run.returncode != 0:
                 return f"the C kernel did not compile ({run.stderr.strip()[:200]}); the reference runs instead"
             os.replace(built, target)  # atomic: concurrent processes see a whole library or none

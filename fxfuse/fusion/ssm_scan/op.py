@@ -12,7 +12,11 @@ import torch
 from torch import Tensor
 
 from fxfuse.backends import check_backend, resolve
-from fxfuse.fusion.ssm_scan.reference import selective_scan_reference, state_dtype
+from fxfuse.fusion.ssm_scan.reference import (
+    selective_scan_reference,
+    selective_scan_reference_backward,
+    state_dtype,
+)
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,22 +77,6 @@ def _selective_scan_fake(dt, A, x, B, C, h0, backend):
     dtype = state_dtype(dt, A, x, B, C, h0)
     batch, channels, length = dt.shape
     return dt.new_empty(dt.shape, dtype=dtype), dt.new_empty((batch, channels, A.shape[1]), dtype=dtype)
-
-
-def selective_scan_reference_backward(gy, gh, dt, A, x, B, C, h0) -> tuple[Tensor, ...]:
-    """Gradients by autograd through the reference (the oracle, and the path without a kernel)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (dt, A, x, B, C)]
-        h0_leaf = h0.detach().requires_grad_() if h0 is not None else None
-        y, h = selective_scan_reference(*leaves, h0_leaf)
-        outs, grads = [y], [gy]
-        if gh is not None:
-            outs.append(h)
-            grads.append(gh)
-        wrt = leaves + ([h0_leaf] if h0_leaf is not None else [])
-        got = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-    got = [torch.zeros_like(w) if g is None else g for g, w in zip(got, wrt)]
-    return (*got[:5], got[5] if h0 is not None else dt.new_zeros(dt.shape[0], dt.shape[1], A.shape[1]))
 
 
 @torch.library.custom_op("fxfuse::selective_scan_backward", mutates_args=())
