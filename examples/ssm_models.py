@@ -77,3 +77,82 @@ def make_mamba_block(length: int = 16, batch: int = 2, d_model: int = 16) -> tup
 def make_mamba_model(length: int = 16, batch: int = 2, layers: int = 2) -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
     return MambaModel(layers).eval(), (torch.randn(batch, length, 16),)
+
+
+class SlowForwardScan(nn.Module):
+    """The scan as Hugging Face's `MambaMixer.slow_forward` spells it: time on dim 2, [B, D, L, N] factors
+    built before the loop, a float32 state, a matmul readout stacked on the last dim, the state returned.
+
+    u, delta [B, D, L], B, C [B, L, N] -> (y [B, D, L], last state [B, D, N]); A = -exp(A_log) [D, N].
+    """
+
+    def __init__(self, channels: int = 8, d_state: int = 4) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.randn(channels, d_state) * 0.5)
+        self.D = nn.Parameter(torch.randn(channels))
+
+    def forward(self, u, delta, B, C):
+        A = -torch.exp(self.A_log.float())
+        delta = F.softplus(delta)
+        discrete_A = torch.exp(A[None, :, None, :] * delta[:, :, :, None])
+        discrete_B = delta[:, :, :, None] * B[:, None, :, :].float()
+        deltaB_u = discrete_B * u[:, :, :, None].float()
+        state = torch.zeros(u.shape[0], u.shape[1], A.shape[-1], dtype=u.dtype, device=u.device)
+        outputs = []
+        for i in range(u.shape[2]):
+            state = discrete_A[:, :, i, :] * state + deltaB_u[:, :, i, :]
+            outputs.append(torch.matmul(state.to(u.dtype), C[:, i, :].unsqueeze(-1))[:, :, 0])
+        y = torch.stack(outputs, dim=-1)
+        return y + u * self.D[None, :, None], state
+
+
+class InLoopScan(nn.Module):
+    """Discretization inside the loop, a sum readout, outputs concatenated along time, an initial state.
+
+    u, delta [B, L, D], B, C [B, L, N], h0 [B, D, N] -> y [B, L, D].
+    """
+
+    def __init__(self, channels: int = 8, d_state: int = 4) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.randn(channels, d_state) * 0.5)
+
+    def forward(self, u, delta, B, C, h0):
+        A = -torch.exp(self.A_log)
+        delta = F.softplus(delta)
+        h = h0
+        ys = []
+        for t in range(u.shape[1]):
+            dA = torch.exp(delta[:, t].unsqueeze(-1) * A)
+            dBu = (delta[:, t] * u[:, t]).unsqueeze(-1) * B[:, t].unsqueeze(1)
+            h = dA * h + dBu
+            ys.append((h * C[:, t].unsqueeze(1)).sum(-1).unsqueeze(1))
+        return torch.cat(ys, dim=1)
+
+
+def scan_inputs(length: int, layout: str = "bdl", batch: int = 2, channels: int = 8, d_state: int = 4) -> tuple:
+    """(u, delta, B, C) with u, delta in `layout` ("bdl" or "bld") and B, C [B, L, N]."""
+    shape = (batch, channels, length) if layout == "bdl" else (batch, length, channels)
+    return (
+        torch.randn(shape),
+        torch.randn(shape),
+        torch.randn(batch, length, d_state),
+        torch.randn(batch, length, d_state),
+    )
+
+
+def make_slow_forward_scan(length: int = 16) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return SlowForwardScan().eval(), scan_inputs(length)
+
+
+def make_in_loop_scan(length: int = 16) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return InLoopScan().eval(), (*scan_inputs(length, "bld"), torch.randn(2, 8, 4))
+
+
+MODELS = {
+    "mamba_block": make_mamba_block,
+    "mamba_model": make_mamba_model,
+    "slow_forward_scan": make_slow_forward_scan,
+    "in_loop_scan": make_in_loop_scan,
+}

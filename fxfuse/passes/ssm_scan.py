@@ -87,6 +87,8 @@ def _state_update(h: Node, h_prev: Node) -> tuple[Node, Node]:
             for a, hp in (prod.args, prod.args[::-1]):
                 if hp is h_prev and isinstance(a, Node):
                     return a, b
+                if hp is h_prev:
+                    raise NotAScan(f"the decay is the constant {a} (an LTI recurrence), not exp(Δ ⊗ A)")
     raise NotAScan(f"the state update {h.name} is not a * h + b with h the previous state")
 
 
@@ -320,9 +322,12 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
                        tuple(h_val.shape), h_val.dtype, state)  # fmt: skip
         return [y, h]
 
-    variant = (f"{loop.length} steps → 1 scan, selective, fused discretization, time dim {found['time_dim']}, "
-               f"readout {found['kind']}" + (", initial state" if init is not None else "")
-               + (", final state" if extra else ""))  # fmt: skip
+    variant = ", ".join(
+        [f"{loop.length} steps → 1 scan", "selective", "fused discretization"]
+        + (["final state"] if extra else [])
+        + (["initial state"] if init is not None else [])
+        + [f"readout {found['kind']}", f"time dim {found['time_dim']}"]
+    )
     return Site(
         "ssm_scan",
         variant,
