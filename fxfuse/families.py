@@ -37,7 +37,8 @@ FAMILIES: dict[str, Family] = {
                "fxfuse.fusion.attention", "fxfuse.onnx.attention:check_attention",
                "fxfuse.onnx.attention:attention_to_onnx"),
         Family("ssm_scan", "ssm scan", "fxfuse.passes.ssm_scan:find_ssm_scan", "fxfuse::selective_scan",
-               "fxfuse.fusion.ssm_scan"),
+               "fxfuse.fusion.ssm_scan", "fxfuse.onnx.ssm_scan:check_selective_scan",
+               "fxfuse.onnx.ssm_scan:selective_scan_to_onnx"),
     )
 }  # fmt: skip
 

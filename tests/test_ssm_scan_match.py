@@ -216,3 +216,13 @@ def test_near_miss_left_alone(name):
         assert len(rejected) == 1 and reason in rejected[0].reason, str(rep)
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_onnx_export_of_a_rerolled_scan_runs_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model, inputs = make_slow_forward_scan(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxfuse.export_onnx(model, inputs, tmp_path / "scan.onnx")  # verify=True: ORT within 1e-4
+    assert result.report.count("ssm_scan") == 1
+    assert [s.op for s in result.sites] == ["selective_scan"] and "6 steps" in result.sites[0].lowered_as
