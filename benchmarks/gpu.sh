@@ -36,13 +36,14 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run one section under a hard t
 
 if "$PY" -c "import pytest" 2>/dev/null; then
   section "kernel tests" 120 env FXFUSE_TEST_DEVICE=cuda "$PY" -m pytest -q \
-    tests/test_attention_op.py tests/test_spp_op.py
+    tests/test_attention_op.py tests/test_spp_op.py tests/test_ssm_scan_op.py
 else
   echo "gpu.sh: pytest is not installed here; kernel tests skipped" >&2
   status=1
 fi
 section "attention bench" 210 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 170 --json "$out"
 section "spp bench" 60 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 30 --json "$out"
+section "ssm scan bench" 90 "$PY" -m fxfuse.bench --suite gpu --section ssm_scan --budget-s 60 --json "$out"
 
 [ -f "${out%.json}.md" ] && cat "${out%.json}.md"
 echo "gpu.sh: results in $out and ${out%.json}.md (exit $status)" >&2

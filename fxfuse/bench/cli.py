@@ -218,7 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="gpu suite: write DIR/<date>-<device>.json and .md (merged with an existing file)",
     )
-    p.add_argument("--section", choices=("attention", "spp"), help="gpu suite: run one section only")
+    p.add_argument("--section", choices=("attention", "spp", "ssm_scan"), help="gpu suite: run one section only")
     p.add_argument("--budget-s", type=float, default=None, help="gpu suite: time budget of the section(s)")
     return p.parse_args(argv)
 
