@@ -90,6 +90,10 @@ def selective_scan_backward_op(
         from fxfuse.backends.cpu.ssm_scan import selective_scan_cpu_backward
 
         grads = selective_scan_cpu_backward(gy, gh, dt, A, x, B, C, h0)
+    elif name == "triton":
+        from fxfuse.backends.triton.ssm_scan import selective_scan_triton_backward
+
+        grads = selective_scan_triton_backward(gy, gh, dt, A, x, B, C, h0)
     else:
         grads = selective_scan_reference_backward(gy, gh, dt, A, x, B, C, h0)
     like = (dt, A, x, B, C, h0 if h0 is not None else gy)
