@@ -19,7 +19,7 @@ from torch.fx import Node
 aten = torch.ops.aten
 Labels = tuple
 
-_PASS_THROUGH = (aten.alias.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
+PASS_THROUGH = (aten.alias.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
                  aten.to.dtype, aten.lift_fresh_copy.default)  # fmt: skip
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
@@ -89,7 +89,7 @@ def input_labels(node: Node, out: Labels, time_index: TimeIndex) -> list[tuple[N
         else:
             labels[dim] = "l"
         return [(src, tuple(labels))]
-    if t in _PASS_THROUGH:
+    if t in PASS_THROUGH:
         return [(node.args[0], out)]
     x = node.args[0] if node.args else None
     if not isinstance(x, Node):
@@ -120,7 +120,7 @@ def input_labels(node: Node, out: Labels, time_index: TimeIndex) -> list[tuple[N
 def output_labels(node: Node, inp: Labels) -> Labels | None:
     """The inverse of `input_labels` for the shape-only ops a readout passes through (forward direction)."""
     t, out_shape = node.target, shape(node)
-    if t in _PASS_THROUGH:
+    if t in PASS_THROUGH:
         return inp
     if t is aten.unsqueeze.default:
         d = _dim(node.args[1], len(out_shape))

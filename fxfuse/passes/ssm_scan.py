@@ -27,6 +27,7 @@ from fxfuse.backends import resolve
 from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_labels import (
+    PASS_THROUGH,
     NotAScan,
     Product,
     factors,
@@ -97,10 +98,10 @@ def _readout(out: Node, h: Node, time_index) -> tuple[str, str, Node, tuple, tup
     C_t's labels, the output's labels), in h's provisional labels ("s0", "s1", "s2")."""
     h_labels = tuple(f"s{j}" for j in range(len(shape(h))))
     chain, node = [], out
-    while node is not h and output_labels_possible(node):
+    while node is not h and _moves_only(node):
         chain.append(node)
         node = node.args[0]
-    is_h = lambda n: strip_moves(n, h_labels, lambda _: None)[0] is h and shape(n) == shape(h)  # noqa: E731
+    is_h = lambda n: _through_casts(n) is h  # noqa: E731  (a view would move the axes)
     t = node.target
     if t is aten.einsum.default and len(node.args[1]) == 2:
         operands, output = node.args[0].replace(" ", "").split("->")
@@ -125,6 +126,8 @@ def _readout(out: Node, h: Node, time_index) -> tuple[str, str, Node, tuple, tup
         labels = ("s0", "s1", None)
     elif t is aten.sum.dim_IntList and node.args[0].target is aten.mul.Tensor and len(node.args[1]) == 1:
         prod = node.args[0]
+        if shape(prod) != shape(h):
+            raise NotAScan("the readout product broadcasts the state to another shape")
         side = 0 if is_h(prod.args[0]) else 1 if is_h(prod.args[1]) else None
         if side is None or not isinstance(prod.args[1 - side], Node):
             raise NotAScan("the readout sum does not multiply the state by a tensor")
@@ -144,7 +147,15 @@ def _readout(out: Node, h: Node, time_index) -> tuple[str, str, Node, tuple, tup
     return kind, contracted, partner, partner_labels, labels
 
 
-def output_labels_possible(node: Node) -> bool:
+def _through_casts(node: object) -> object:
+    """The tensor behind dtype casts and copies (the fp32 state cast back before the readout)."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _moves_only(node: Node) -> bool:
+    """Whether `node` only moves axes or casts (a step of the readout's way to the stacked output)."""
     return (
         node.op == "call_function"
         and isinstance(node.args[0] if node.args else None, Node)
