@@ -193,10 +193,11 @@ def _unify_step0(loop_slots, template: list[Node], out0: Node, out_pos: int) -> 
 
 
 def chained(outputs: list[Node]) -> bool:
-    """Whether step 2's nodes read step 1's: a recurrence worth a line in the report when it is not matched."""
+    """Whether step 2's nodes read step 1's and a step is more than a single op or two: a recurrence worth
+    a line in the report when it is not matched (an SPPF pool chain concatenated is not)."""
     bodies = _bodies(outputs[:3])
     one = set(bodies[1])
-    return any(a in one for n in bodies[2] for a in n.all_input_nodes)
+    return len(bodies[1]) >= 3 and any(a in one for n in bodies[2] for a in n.all_input_nodes)
 
 
 def per_step_outputs(anchor: Node) -> tuple[list[Node], int] | None:
