@@ -129,6 +129,32 @@ class InLoopScan(nn.Module):
         return torch.cat(ys, dim=1)
 
 
+class SelectiveScanRef(nn.Module):
+    """The scan as mamba_ssm's `selective_scan_ref` spells it: B, C [B, N, L] (state before time), einsum
+    discretization and readout, the last state kept inside the loop, stacked on dim 2.
+
+    u, delta [B, D, L], B, C [B, N, L] -> (y [B, D, L], last state [B, D, N]).
+    """
+
+    def __init__(self, channels: int = 8, d_state: int = 4) -> None:
+        super().__init__()
+        self.A = nn.Parameter(-torch.rand(channels, d_state) - 0.5)
+        self.D = nn.Parameter(torch.randn(channels))
+
+    def forward(self, u, delta, B, C):
+        delta = F.softplus(delta)
+        delta_a = torch.exp(torch.einsum("bdl,dn->bdln", delta, self.A))
+        delta_bu = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+        x = u.new_zeros((u.shape[0], self.A.shape[0], self.A.shape[1]))
+        ys = []
+        for i in range(u.shape[2]):
+            x = delta_a[:, :, i] * x + delta_bu[:, :, i]
+            ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+            if i == u.shape[2] - 1:
+                last_state = x
+        return torch.stack(ys, dim=2) + u * self.D[:, None], last_state
+
+
 def scan_inputs(length: int, layout: str = "bdl", batch: int = 2, channels: int = 8, d_state: int = 4) -> tuple:
     """(u, delta, B, C) with u, delta in `layout` ("bdl" or "bld") and B, C [B, L, N]."""
     shape = (batch, channels, length) if layout == "bdl" else (batch, length, channels)
@@ -150,9 +176,16 @@ def make_in_loop_scan(length: int = 16) -> tuple[nn.Module, tuple]:
     return InLoopScan().eval(), (*scan_inputs(length, "bld"), torch.randn(2, 8, 4))
 
 
+def make_selective_scan_ref(length: int = 16) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    u, delta, B, C = scan_inputs(length)
+    return SelectiveScanRef().eval(), (u, delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous())
+
+
 MODELS = {
     "mamba_block": make_mamba_block,
     "mamba_model": make_mamba_model,
     "slow_forward_scan": make_slow_forward_scan,
     "in_loop_scan": make_in_loop_scan,
+    "selective_scan_ref": make_selective_scan_ref,
 }

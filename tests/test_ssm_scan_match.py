@@ -14,6 +14,7 @@ import fxfuse
 from examples.ssm_models import (
     make_in_loop_scan,
     make_mamba_block,
+    make_selective_scan_ref,
     make_slow_forward_scan,
 )
 
@@ -46,6 +47,7 @@ MODELS = {
     "mamba-block-einsum": (make_mamba_block, 1, "readout einsum, time dim 1"),
     "hf-slow-forward-matmul-final-state": (make_slow_forward_scan, 1, "final state, readout matmul, time dim 2"),
     "in-loop-discretization-sum-cat-h0": (make_in_loop_scan, 1, "initial state, readout sum, time dim 1"),
+    "mamba-ssm-ref-B-state-major": (make_selective_scan_ref, 1, "final state, readout einsum, time dim 2"),
 }
 
 
@@ -67,14 +69,14 @@ def test_rerolled_graph_has_no_loop_left():
     from fxfuse.passes.capture import capture_graphs
     from fxfuse.passes.rewrite import rewrite_patterns
 
-    model, inputs = make_mamba_block(10)
+    model, inputs = make_mamba_block(48)  # the one longer loop of these tests
     ((gm, _),) = capture_graphs(model, inputs)
     before = len(gm.graph.nodes)
     gm, rewrites, _ = rewrite_patterns(gm, ["ssm_scan"], "auto")
     targets = [str(n.target) for n in gm.graph.nodes]
     assert [r.status for r in rewrites] == ["applied"]
     assert targets.count("fxfuse.selective_scan.default") == 1
-    # the discretization einsums, the 10 steps and the stack are gone: nothing left scales with L
+    # the discretization einsums, the 48 steps and the stack are gone: nothing left scales with L
     assert not {"aten.select.int", "aten.einsum.default", "aten.stack.default"} & set(targets)
     assert len(gm.graph.nodes) < before // 2 + 10
 
