@@ -3,7 +3,7 @@
 # For a machine with torch + Triton preinstalled and no network; it never installs torch.
 # Usage (from anywhere): bash benchmarks/gpu.sh
 # Writes benchmarks/results/<date>-<device>.json and .md. Hard timeouts per section keep the whole run
-# under ~9 minutes even when a section hangs; a section that times out loses only its own results.
+# under ~7.5 minutes even when a section hangs; a section that times out loses only its own results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -36,15 +36,17 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run one section under a hard t
 
 if "$PY" -c "import pytest" 2>/dev/null; then
   section "kernel tests" 120 env FXFUSE_TEST_DEVICE=cuda "$PY" -m pytest -q \
-    tests/test_attention_op.py tests/test_spp_op.py tests/test_linear_attention_op.py
+    tests/test_attention_op.py tests/test_spp_op.py tests/test_linear_attention_op.py \
+    tests/test_ssm_scan_op.py
 else
   echo "gpu.sh: pytest is not installed here; kernel tests skipped" >&2
   status=1
 fi
-section "attention bench" 210 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 170 --json "$out"
-section "spp bench" 60 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 30 --json "$out"
-section "linear attention bench" 120 "$PY" -m fxfuse.bench --suite gpu --section linear_attention --budget-s 90 \
+section "attention bench" 150 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 120 --json "$out"
+section "spp bench" 45 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 25 --json "$out"
+section "linear attention bench" 75 "$PY" -m fxfuse.bench --suite gpu --section linear_attention --budget-s 55 \
   --json "$out"
+section "ssm scan bench" 60 "$PY" -m fxfuse.bench --suite gpu --section ssm_scan --budget-s 40 --json "$out"
 
 [ -f "${out%.json}.md" ] && cat "${out%.json}.md"
 echo "gpu.sh: results in $out and ${out%.json}.md (exit $status)" >&2

@@ -40,6 +40,9 @@ FAMILIES: dict[str, Family] = {
                "fxfuse::linear_attention", "fxfuse.fusion.linear_attention",
                "fxfuse.onnx.linear_attention:check_linear_attention",
                "fxfuse.onnx.linear_attention:linear_attention_to_onnx"),
+        Family("ssm_scan", "ssm scan", "fxfuse.passes.ssm_scan:find_ssm_scan", "fxfuse::selective_scan",
+               "fxfuse.fusion.ssm_scan", "fxfuse.onnx.ssm_scan:check_selective_scan",
+               "fxfuse.onnx.ssm_scan:selective_scan_to_onnx"),
     )
 }  # fmt: skip
 

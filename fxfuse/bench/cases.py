@@ -249,6 +249,36 @@ def linear_attention_models_at_length() -> list[Case]:
     ]
 
 
+@family("op/selective_scan (benchmarks/ssm_scan_op.py)")
+def ssm_scan_op_cases() -> list[Case]:
+    """The fused selective scan against the eager Python loop over time it replaces (forward)."""
+    module = load_repo_module("benchmarks/ssm_scan_op.py")
+    cases = []
+    for name, eager_fn, fused_fn, inputs in module.scan_cases():
+
+        def setup(eager_fn=eager_fn, fused_fn=fused_fn, inputs=inputs) -> tuple[Fn, Fn]:
+            pair = no_grad(lambda: eager_fn(*inputs)), no_grad(lambda: fused_fn(*inputs))
+            check_close(*pair, rtol=OP_RTOL)
+            return pair
+
+        quick = name == "x".join(map(str, module.QUICK_SHAPE))
+        cases.append(Case(f"op/selective_scan[{name}]", setup, quick=quick, group="op"))
+    return cases
+
+
+@family("model/mamba_* (examples/ssm_models.py, loops captured unrolled)")
+def ssm_models() -> list[Case]:
+    """Mamba-style models whose scan is a Python loop: `optimize` re-rolls it. Capturing an unrolled loop
+    costs seconds per hundred steps, so these run in the full suite only."""
+    module = load_repo_module("examples/ssm_models.py")
+    specs = [("mamba_block[256]", lambda: module.make_mamba_block(256, d_model=64)),
+             ("mamba_model[2x256]", lambda: module.make_mamba_model(256))]  # fmt: skip
+    return [
+        Case(f"model/{name}", lambda make=make: optimized_model_pair(make), quick=False, group="model")
+        for name, make in specs
+    ]
+
+
 class NoPatternNet(torch.nn.Module):
     """A conv + MLP net with nothing to fuse: `optimize` must hand it back no slower (ratio ~1.0)."""
 

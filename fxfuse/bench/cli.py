@@ -343,7 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gpu suite: write DIR/<date>-<device>.json and .md (merged with an existing file)",
     )
     p.add_argument(
-        "--section", choices=("attention", "spp", "linear_attention"), help="gpu suite: run one section only"
+        "--section", choices=("attention", "spp", "linear_attention", "ssm_scan"),
+        help="gpu suite: run one section only",
     )
     p.add_argument("--budget-s", type=float, default=None, help="gpu suite: time budget of the section(s)")
     return p.parse_args(argv)

@@ -10,6 +10,8 @@ after every section, so a killed section loses only itself):
 - spp: the fused SPP op against the eager pyramid from benchmarks/spp_op.py, in GB/s.
 - linear_attention: the Triton chunked kernel against the eager quadratic form and causal SDPA
   (gpu_linear_attention.py).
+- ssm_scan: the fused selective scan (Triton) against the eager loop over time from
+  benchmarks/ssm_scan_op.py, in GB/s of the compulsory bytes (u, Δ, A, B, C read and y written once).
 Nothing here needs CUDA at import time; the formulas and table rendering are unit-tested on CPU.
 """
 
@@ -35,7 +37,9 @@ IMPLS = ("fxfuse", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 FLEX_SEQ_LENS = (1024, 4096, 16384)  # each shape is a fresh compile; a few sizes show the trend
 # The YOLO neck at 640 px (batch 8), and a batch big enough that bandwidth, not launch latency, decides.
 SPP_SHAPES = ((8, 256, 20, 20), (32, 256, 80, 80))
-BUDGET_S = {"attention": 210.0, "spp": 40.0, "linear_attention": 90.0}
+# A small Mamba layer at 1k tokens (the CPU target size) and a Mamba-1.4b-sized layer (D = 2 x 2048) at 2k.
+SSM_SHAPES = ((2, 512, 1024, 16), (4, 4096, 2048, 16))
+BUDGET_S = {"attention": 120.0, "spp": 25.0, "linear_attention": 55.0, "ssm_scan": 40.0}
 # Backward runs five N x N x D matmuls (recomputed S, dV, dP, dQ, dK) to the forward's two (S, PV).
 BACKWARD_FACTOR = 2.5
 
@@ -244,6 +248,26 @@ def run_spp(deadline: float, log=sys.stderr) -> list[dict]:
     return records
 
 
+def run_ssm_scan(deadline: float, log=sys.stderr) -> list[dict]:
+    from fxfuse.bench.registry import load_repo_module
+
+    module = load_repo_module("benchmarks/ssm_scan_op.py")
+    records = []
+    for name, eager_fn, fused_fn, inputs in module.scan_cases(SSM_SHAPES):
+        rec = {"section": "ssm_scan", "name": f"ssm_scan/selective[{name}]"}
+        if time.monotonic() > deadline:
+            rec["skipped"] = "section time budget spent"
+        else:
+            try:
+                rec.update(_time_spp(eager_fn, fused_fn, inputs))
+            except Exception as e:
+                rec["skipped"] = _short(e)
+        status = f"{rec['fused_gbps']:.0f} GB/s, {rec['ratio']:.2f}x" if "ratio" in rec else rec["skipped"]
+        print(f"  {rec['name']}: {status}", file=log, flush=True)
+        records.append(rec)
+    return records
+
+
 def _time_spp(eager_fn: Callable, fused_fn: Callable, inputs: list) -> dict:
     """Times and GB/s of both sides on CUDA copies of the CPU case's inputs."""
     import torch
@@ -301,9 +325,23 @@ def render_markdown(results: dict) -> str:
         out += [format_table(("case", "N") + IMPLS, rows, markdown=True), ""]
         notes = sorted({f"{c['impl']}: {c['skipped']}" for c in att if "skipped" in c})
         out += [f"- n/a {note}" for note in notes] + ([""] if notes else [])
-    spp = [c for c in cases if c.get("section") == "spp"]
+    for section, title in (
+        ("spp", "## SPP: fused vs eager pyramid, GB/s (input read + output written once)"),
+        ("ssm_scan", "## Selective scan: fused vs eager loop over time, GB/s (inputs read + y written once)"),
+    ):
+        out += _bandwidth_table([c for c in cases if c.get("section") == section], title)
+    linear = [c for c in cases if c.get("section") == "linear_attention"]
+    if linear:
+        from fxfuse.bench.gpu_linear_attention import render_linear_attention
+
+        out += render_linear_attention(linear)
+    return "\n".join(out)
+
+
+def _bandwidth_table(spp: list[dict], title: str) -> list[str]:
+    out = []
     if spp:
-        out += ["## SPP: fused vs eager pyramid, GB/s (input read + output written once)", ""]
+        out += [title, ""]
         rows = [
             [
                 c["name"],
@@ -319,12 +357,7 @@ def render_markdown(results: dict) -> str:
         ]
         head = ("case", "eager ms", "eager GB/s", "fused ms", "fused GB/s", "speedup")
         out += [format_table(head, rows, markdown=True), ""]
-    linear = [c for c in cases if c.get("section") == "linear_attention"]
-    if linear:
-        from fxfuse.bench.gpu_linear_attention import render_linear_attention
-
-        out += render_linear_attention(linear)
-    return "\n".join(out)
+    return out
 
 
 def merge_results(path: Path, header: dict, records: list[dict]) -> dict:
@@ -372,7 +405,8 @@ def main_gpu(args: argparse.Namespace) -> int:
         print(f"[gpu] {section} (budget {budget:.0f} s)", file=sys.stderr, flush=True)
         from fxfuse.bench.gpu_linear_attention import run_linear_attention
 
-        run = {"attention": run_attention, "spp": run_spp, "linear_attention": run_linear_attention}[section]
+        run = {"attention": run_attention, "spp": run_spp, "linear_attention": run_linear_attention,
+               "ssm_scan": run_ssm_scan}[section]
         try:
             records = run(time.monotonic() + budget)
         except Exception as e:  # e.g. the op module is not importable: record, go on with the next section

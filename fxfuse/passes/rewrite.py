@@ -59,7 +59,7 @@ def region_of(site: Site) -> list[Node] | str:
         stack.extend(node.all_input_nodes)
     seen.update(n for n in site.extra_region if n not in inputs)
     for node in seen:
-        if node is site.output:
+        if node is site.output or node in site.extra_outputs:
             continue
         outside = [u for u in node.users if u not in seen]
         if outside:
@@ -78,10 +78,12 @@ def extract(gm: GraphModule, site: Site, region: list[Node]) -> tuple[GraphModul
     size = lambda n: env[n] if n in env else optimization_hint(n.meta["val"])  # noqa: E731
     for node in region:
         env[node] = graph.node_copy(node, size)
-    graph.output(env[site.output])
+    outputs = [site.output, *site.extra_outputs]
+    graph.output(env[site.output] if len(outputs) == 1 else tuple(env[n] for n in outputs))
     fused_graph = Graph()
     placeholders = [fused_graph.placeholder(f"input_{i}") for i in range(len(site.inputs))]
-    fused_graph.output(site.emit(fused_graph, placeholders))
+    fused = site.emit(fused_graph, placeholders)
+    fused_graph.output(fused if len(outputs) == 1 else tuple(fused))
     return GraphModule(gm, graph), GraphModule(gm, fused_graph)
 
 
@@ -158,11 +160,18 @@ def propagate_meta(gm: GraphModule, nodes: list[Node], provenance: Node, tag: di
 def apply_site(gm: GraphModule, site: Site, region: list[Node]) -> Node:
     graph = gm.graph
     before = set(graph.nodes)
-    with graph.inserting_before(site.output):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inside = set(region)
+    # before the first reader of any output: an extra output (a final state) may be read before `output`
+    readers = [u for n in site.extra_outputs for u in n.users if u not in inside]
+    with graph.inserting_before(min([site.output, *readers], key=order.__getitem__)):
         new = site.emit(graph, list(site.inputs))
     emitted = [n for n in graph.nodes if n not in before]
     propagate_meta(gm, emitted, site.anchor, {"pattern": site.pattern, "variant": site.variant})
-    site.output.replace_all_uses_with(new)
+    news = new if isinstance(new, (list, tuple)) else [new]
+    for old, replacement in zip([site.output, *site.extra_outputs], news, strict=True):
+        old.replace_all_uses_with(replacement)
+    new = news[0]
     for node in reversed(region):
         if not node.users:
             graph.erase_node(node)
@@ -183,7 +192,7 @@ def _erase_if_dead(node: Node) -> None:
 
 
 def _stale(site: Site, graph: Graph) -> bool:
-    nodes = [site.output, site.anchor, *site.inputs]
+    nodes = [site.output, site.anchor, *site.inputs, *site.extra_outputs]
     return any(getattr(n, "_erased", False) or n.graph is not graph for n in nodes)
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-# emit(graph, input_nodes) -> node that replaces `output` (inserted by the driver just before `output`).
-Emit = Callable[[Graph, list[Node]], Node]
+# emit(graph, input_nodes) -> node that replaces `output` (inserted by the driver just before `output`), or
+# [output's replacement, *extra_outputs' replacements] for a site with `extra_outputs`.
+Emit = Callable[[Graph, list[Node]], "Node | list[Node]"]
 # input_gen(index, meta_val, case, seed) -> tensor for that input, or None for the default generator.
 # `case` is one of verify.CASES ("normal", "large", "negative", ...); `meta_val` a FakeTensor.
 InputGen = Callable[[int, torch.Tensor, str, int], "torch.Tensor | None"]
@@ -35,6 +36,9 @@ class Site:
     tolerance: float | None = None  # relative tolerance override (reassociated ops: 1e-4)
     input_gen: InputGen | None = None
     extra_region: list[Node] = field(default_factory=list)  # nodes to drop with the region (e.g. dead indices)
+    # region nodes that code outside the region reads besides `output` (a scan's final state); their uses are
+    # redirected to emit's further results, and verification compares them too
+    extra_outputs: list[Node] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""`fxfuse::selective_scan` custom op: input checks, backend dispatch, fake impl and autograd.
+
+Schema: fxfuse::selective_scan(Tensor dt, Tensor A, Tensor x, Tensor B, Tensor C, Tensor? h0, str backend)
+        -> (Tensor y, Tensor h_last)
+The backward is its own opaque op (`fxfuse::selective_scan_backward`), so traced training graphs carry one
+node instead of tracing into ctypes calls or Triton launches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fxfuse.backends import check_backend, resolve
+from fxfuse.fusion.ssm_scan.reference import (
+    selective_scan_reference,
+    selective_scan_reference_backward,
+    state_dtype,
+)
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> None:
+    """Raise ValueError, with what to change, for inputs outside the op's contract."""
+    if dt.dim() != 3 or A.dim() != 2 or B.dim() != 3:
+        raise ValueError("selective_scan expects dt, x [B, D, L], A [D, N] and B, C [B, L, N]")
+    batch, channels, length = dt.shape
+    nstate = A.shape[1]
+    want = {"x": (x, (batch, channels, length)), "A": (A, (channels, nstate)), "B": (B, (batch, length, nstate)),
+            "C": (C, (batch, length, nstate))}  # fmt: skip
+    if h0 is not None:
+        want["h0"] = (h0, (batch, channels, nstate))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {list(shape)}")
+    if not all(t.is_floating_point() for t in (dt, A, x, B, C)):
+        raise ValueError("selective_scan takes floating-point tensors")
+
+
+def scan_backend(backend: str, *tensors: Tensor | None) -> str:
+    """Which implementation runs for these inputs: "triton", "cpu" or "reference"."""
+    check_backend(backend)
+    real = [t for t in tensors if t is not None]
+    name = resolve(backend, real[0].device)
+    if name == "reference" or any(t.dtype not in _FAST_DTYPES for t in real) or real[0].numel() == 0:
+        return "reference"
+    if name == "cpu":
+        from fxfuse.backends.cpu.ssm_scan import cpu_kernel_problem
+
+        return "cpu" if cpu_kernel_problem() is None else "reference"
+    return name
+
+
+@torch.library.custom_op("fxfuse::selective_scan", mutates_args=())
+def selective_scan_op(
+    dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, backend: str
+) -> tuple[Tensor, Tensor]:
+    check_inputs(dt, A, x, B, C, h0)
+    name = scan_backend(backend, dt, A, x, B, C, h0)
+    if name == "cpu":
+        from fxfuse.backends.cpu.ssm_scan import selective_scan_cpu
+
+        y, h = selective_scan_cpu(dt, A, x, B, C, h0)
+    elif name == "triton":
+        from fxfuse.backends.triton.ssm_scan import selective_scan_triton
+
+        y, h = selective_scan_triton(dt, A, x, B, C, h0)
+    else:
+        y, h = selective_scan_reference(dt, A, x, B, C, h0)
+    return y.contiguous(), h.contiguous()
+
+
+@selective_scan_op.register_fake
+def _selective_scan_fake(dt, A, x, B, C, h0, backend):
+    check_inputs(dt, A, x, B, C, h0)
+    dtype = state_dtype(dt, A, x, B, C, h0)
+    batch, channels, length = dt.shape
+    return dt.new_empty(dt.shape, dtype=dtype), dt.new_empty((batch, channels, A.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("fxfuse::selective_scan_backward", mutates_args=())
+def selective_scan_backward_op(
+    gy: Tensor, gh: Tensor | None, dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, h0: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(d dt, dA, dx, dB, dC, dh0), each in its input's dtype (dh0 in the state dtype when h0 is None)."""
+    name = scan_backend(backend, dt, A, x, B, C, h0)
+    if name == "cpu":
+        from fxfuse.backends.cpu.ssm_scan import selective_scan_cpu_backward
+
+        grads = selective_scan_cpu_backward(gy, gh, dt, A, x, B, C, h0)
+    elif name == "triton":
+        from fxfuse.backends.triton.ssm_scan import selective_scan_triton_backward
+
+        grads = selective_scan_triton_backward(gy, gh, dt, A, x, B, C, h0)
+    else:
+        grads = selective_scan_reference_backward(gy, gh, dt, A, x, B, C, h0)
+    like = (dt, A, x, B, C, h0 if h0 is not None else gy)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, like))
+
+
+@selective_scan_backward_op.register_fake
+def _selective_scan_backward_fake(gy, gh, dt, A, x, B, C, h0, backend):
+    state = h0 if h0 is not None else gy.new_empty((dt.shape[0], dt.shape[1], A.shape[1]))
+    return tuple(t.new_empty(t.shape) for t in (dt, A, x, B, C, state))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    dt, A, x, B, C, h0, backend = inputs
+    ctx.save_for_backward(dt, A, x, B, C, h0)
+    ctx.backend = backend
+
+
+def _backward(ctx, gy, gh):
+    dt, A, x, B, C, h0 = ctx.saved_tensors
+    grads = torch.ops.fxfuse.selective_scan_backward(gy, gh, dt, A, x, B, C, h0, ctx.backend)
+    return (*grads[:5], grads[5] if h0 is not None else None, None)
+
+
+selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
