@@ -46,6 +46,24 @@ def optimize_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[object], options: Options, report: Report
 ) -> Callable:
     """Rewrite one dynamo graph; returns what dynamo should run (the captured graph when nothing applied)."""
+    # Capture and verification run the graph and its backward; under the caller's saved-tensor hooks
+    # (activation checkpointing recompiling for a new input) those runs would count as the region's own.
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        aten = _rewrite_graph(gm, example_inputs, options, report)
+    if options.compile_rest and isinstance(aten, torch.fx.GraphModule):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(aten, list(example_inputs))
+    return aten
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rewrite_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object], options: Options, report: Report
+) -> Callable:
     report.graphs += 1
     graph_id = report.graphs
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
@@ -81,10 +99,6 @@ def optimize_graph(
             _warn(report, f"graph {graph_id}: the rewritten graph did not match the original "
                           f"({check.reason}); all its rewrites were withdrawn")
             return gm.forward
-    if options.compile_rest:
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(aten, list(example_inputs))
     return aten
 
 
