@@ -1,13 +1,15 @@
 """Triton backward of `fxfuse::attention`, FlashAttention-2 style.
 
-The op's schema returns only `out`, so the backward reruns the forward kernel to get the row
-statistics (max and 1 / sum), then runs three kernels:
+The forward hands over its output and row statistics (max and 1 / sum, [2, B, Hq, Nq]); without them
+the forward kernel runs again. Then three kernels:
 - delta = rowsum(dO * O) per query row (softmax only);
 - dk, dv: one program per key block and kv head, looping over the query heads of its GQA group and
   over query blocks, so the group's gradients are summed in registers;
-- dq: one program per query block and query head. When bias needs a gradient it also writes dS
-  [B, Hq, Nq, Nk] in float32, summed afterwards to bias's broadcast shape (materialized: simple, and
-  only paid for a learned bias).
+- dq: one program per query block and query head. When bias needs a gradient it also adds each dS
+  tile into a float32 buffer of bias's own (broadcast) shape: summed in registers along broadcast query
+  or key dims, by atomic adds along broadcast batch or head dims. A [1, H, N, N] or [B, 1, 1, N] bias
+  never gets a [B, H, N, N] buffer; the order of the atomic adds makes it non-deterministic in the last
+  bits on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor
 from fxfuse.backends import triton_interpreting
 from fxfuse.backends.triton.attention import (
     attention_triton,
+    broadcast_strides,
     dot_args,
     flags,
     head_blocks,
@@ -27,7 +30,6 @@ from fxfuse.backends.triton.attention import (
     mma,
     score_tile,
 )
-from fxfuse.fusion.attention.reference import reduce_to_shape
 
 
 @triton.jit
@@ -155,13 +157,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DQ, DS,
+    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DQ, DB,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
-    sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
+    sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd, sdbb, sdbh, sdbm, sdbn,
     H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, STORE_DS: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -207,11 +210,18 @@ def _attn_bwd_dq(
             s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
             SOFTMAX, DOT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
-        if STORE_DS:
-            tl.store(
-                DS + pid_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], ds,
-                mask=in_m & (offs_n[None, :] < NK),
-            )  # fmt: skip
+        if BIAS_GRAD:
+            # dS summed into bias's shape: strides are 0 along its broadcast dims.
+            db = DB + b * sdbb + h * sdbh
+            if DB_SUM_M and DB_SUM_N:
+                tl.atomic_add(db, tl.sum(tl.sum(ds, 1), 0))
+            elif DB_SUM_M:
+                tl.atomic_add(db + offs_n * sdbn, tl.sum(ds, 0), mask=offs_n < NK)
+            elif DB_SUM_N:
+                tl.atomic_add(db + offs_m * sdbm, tl.sum(ds, 1), mask=offs_m < NQ)
+            else:
+                tl.atomic_add(db + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn, ds,
+                              mask=in_m & (offs_n[None, :] < NK))  # fmt: skip
         dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     dq = dq * scale
     tl.store(
@@ -235,13 +245,19 @@ def attention_triton_backward(
     masked_value: float,
     score_fn: str,
     bias_grad: bool,
+    out: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] in the inputs' dtypes, and dbias in
-    bias's shape (float32) when `bias_grad`, else None."""
+    bias's shape (float32) when `bias_grad`, else None. `out` and `stats` are the forward's (recomputed
+    when not given)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
-    out, stats = attention_triton(*args, store_stats=True)
+    if score_fn == "softmax" and (out is None or stats is None or stats.numel() == 0):
+        out, stats = attention_triton(*args, store_stats=True)
+    elif score_fn != "softmax":
+        stats = None
     block_d, block_dv = head_blocks(q, v)
     if triton_interpreting():
         block_m, block_n = 16, 16
@@ -256,13 +272,16 @@ def attention_triton_backward(
             out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, dv_dim,
             BLOCK_M=block_m, BLOCK_DV=block_dv,
         )  # fmt: skip
-    stats = stats if stats is not None else out
-    delta = delta if delta is not None else out
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    stats = stats if stats is not None else dq  # relu2: never read
+    delta = delta if delta is not None else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    store_ds = bias_grad and bias is not None
-    ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if store_ds else dq
+    has_db = bias_grad and bias is not None
+    db = dq
+    if has_db:
+        db = torch.zeros((1,) * (4 - bias.dim()) + tuple(bias.shape), dtype=torch.float32, device=q.device)
+    db_strides = broadcast_strides(db if has_db else None, (b, hq, nq, nk))
     tensors, strides = kernel_args(q, k, v, bias, mask, q_seg, k_seg)
     common = dict(
         **flags(bias, mask, q_seg, causal, masked_value, score_fn),
@@ -276,9 +295,10 @@ def attention_triton_backward(
         hq, hkv, nq, nk, d, dv_dim, hq // hkv, *scalars, **common,
     )  # fmt: skip
     _attn_bwd_dq[(triton.cdiv(nq, block_m), b * hq)](
-        q, k, v, *tensors, grad_out, stats, delta, dq, ds,
-        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dq.stride(),
-        hq, nq, nk, d, dv_dim, hq // hkv, *scalars, STORE_DS=store_ds, **common,
+        q, k, v, *tensors, grad_out, stats, delta, dq, db,
+        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dq.stride(), *db_strides,
+        hq, nq, nk, d, dv_dim, hq // hkv, *scalars, BIAS_GRAD=has_db,
+        DB_SUM_M=has_db and db.shape[2] == 1 and nq > 1, DB_SUM_N=has_db and db.shape[3] == 1 and nk > 1,
+        **common,
     )  # fmt: skip
-    dbias = reduce_to_shape(ds, bias.shape) if store_ds else None
-    return dq, dk, dv, dbias
+    return dq, dk, dv, db.view(bias.shape) if has_db else None

@@ -39,7 +39,7 @@ def attention(
     -inf and the mean of v with finfo(float32).min, as the formula does. backend: "auto", "triton",
     "cpu" or "reference"; `attention_backend` tells which one runs. Gradients flow to q, k, v and bias;
     dropout_p > 0 runs in the reference, and its backward (which replays the forward's mask) works in
-    eager mode only: a traced one raises NotImplementedError.
+    eager and traced (torch.compile) alike.
     """
     check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
     if scale is None:
