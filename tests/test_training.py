@@ -210,3 +210,51 @@ def test_dropout_model_trains_and_evaluates_like_the_original():
         model.eval()
         want = model(x)
     assert _rel(mean, want) < 0.05
+
+
+def test_attention_saves_row_statistics_not_scores():
+    # What autograd keeps between forward and backward: q, k, v, the output and [B, H, N] statistics.
+    b, h, n, d = 2, 4, 256, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(b, 1, 1, n)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attention(q, k, v, bias=bias, causal=True)
+    assert (b, h, n) in saved  # the CPU path's log-sum-exp
+    assert max(math.prod(s) for s in saved) == b * h * n * d
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        eager = torch.softmax((q @ k.transpose(-1, -2) / 4.0 + bias).masked_fill(
+            torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf), -1) @ v  # fmt: skip
+    assert max(math.prod(s) for s in saved) == b * h * n * n  # what the fused op spares
+    grads = torch.autograd.grad((out * eager.detach()).sum(), (q, k, v))
+    want = torch.autograd.grad((eager * eager.detach()).sum(), (q, k, v))
+    for g, w in zip(grads, want):
+        assert _rel(g, w) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: padding rows
+@pytest.mark.parametrize(
+    "shape, score_fn",
+    [((2, 1, 1, 20), "softmax"), ((3, 1, 20), "softmax"), ((1, 3, 18, 20), "softmax"), ((3, 18, 1), "relu2"),
+     ((3, 1, 1), "relu2")],
+    ids=["keys_B11N", "keys_per_head_H1N", "relpos_1HNN", "rows_HN1_relu2", "per_head_H11_relu2"],
+)  # fmt: skip
+def test_triton_bias_gradient_in_broadcast_shape(shape, score_fn):
+    # Summed per tile into the bias's own shape (no [B, H, N, N] buffer): compared with the reference.
+    # A bias constant along keys has a zero gradient under softmax (shift invariance), hence relu2 there.
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (18, 20, 20))
+    bias = 0.5 * torch.randn(shape)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = attention(*leaves[:3], bias=leaves[3], causal=True, causal_offset=2, score_fn=score_fn,
+                        scale=0.1 if score_fn == "relu2" else None, backend=backend)  # fmt: skip
+        grads[backend] = torch.autograd.grad(out.square().sum(), leaves)
+    for got, want in zip(grads["triton"], grads["reference"]):
+        assert got.shape == want.shape
+        assert _rel(got, want) <= 1e-5
