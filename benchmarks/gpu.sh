@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU run: CUDA kernel tests, then `fxfuse bench --suite gpu` (attention TFLOP/s, SPP GB/s).
+# The GPU run: CUDA kernel tests, then `fxfuse bench --suite gpu` (attention TFLOP/s, SPP GB/s), then
+# the peak memory of an attention layer's training step, original vs optimized (printed only).
 # For a machine with torch + Triton preinstalled and no network; it never installs torch.
 # Usage (from anywhere): bash benchmarks/gpu.sh
 # Writes benchmarks/results/<date>-<device>.json and .md. Hard timeouts per section keep the whole run
-# under ~7 minutes even when a section hangs; a section that times out loses only its own results.
+# under ~9 minutes even when a section hangs; a section that times out loses only its own results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -43,6 +44,7 @@ else
 fi
 section "attention bench" 210 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 170 --json "$out"
 section "spp bench" 60 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 30 --json "$out"
+section "training memory" 120 "$PY" benchmarks/training_memory.py --device cuda
 
 [ -f "${out%.json}.md" ] && cat "${out%.json}.md"
 echo "gpu.sh: results in $out and ${out%.json}.md (exit $status)" >&2
