@@ -159,14 +159,15 @@ def test_activation_checkpointing_around_optimized_blocks():
         assert _rel(p.grad, q.grad) <= 1e-5
 
 
-def test_dropout_keep_rate_and_scale():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])  # cpu: the reference's mask; triton: Philox in-kernel
+def test_dropout_keep_rate_and_scale(backend):
     # q = k = 0 gives uniform probabilities 1/N and v = I reads them out: out[.., i, j] is 1/N times the
     # dropout multiplier (0 or 1/(1-p)) of position (i, j).
-    b, h, n, p = 2, 4, 64, 0.3
-    q = torch.zeros(b, h, n, 8)
-    v = torch.eye(n).expand(b, h, n, n)
+    b, h, n, p = 1, 2, 64, 0.3
+    q = torch.zeros(b, h, n, 16)
+    v = torch.eye(n).expand(b, h, n, n).contiguous()
     torch.manual_seed(3)
-    out = attention(q, q, v, dropout_p=p)
+    out = attention(q, q, v, dropout_p=p, backend=backend)
     mult = out * n
     kept = mult != 0
     assert torch.allclose(mult[kept], torch.full_like(mult[kept], 1.0 / (1.0 - p)))
@@ -175,9 +176,34 @@ def test_dropout_keep_rate_and_scale():
     assert abs(kept.sum().item() - trials * (1.0 - p)) <= 4.0 * sd  # binomial: fails ~6e-5 of seeds
     # Inverted dropout: the expectation is the undropped output, here 1/N everywhere.
     assert abs(out.mean().item() * n - 1.0) <= 4.0 * sd / trials / (1.0 - p)
+    # Not a pattern of rows or columns: the keep rate of every row and of every key is near 1 - p.
+    for axis in (-1, -2):
+        assert (kept.float().mean(axis) - (1.0 - p)).abs().max() <= 5.0 * math.sqrt(p * (1.0 - p) / n)
     torch.manual_seed(3)
-    assert torch.equal(attention(q, q, v, dropout_p=p), out)  # seeded by torch.manual_seed
-    assert not torch.equal(attention(q, q, v, dropout_p=p), out)  # and fresh on every call
+    assert torch.equal(attention(q, q, v, dropout_p=p, backend=backend), out)  # seeded by torch.manual_seed
+    assert not torch.equal(attention(q, q, v, dropout_p=p, backend=backend), out)  # and fresh on every call
+
+
+def test_triton_dropout_backward_replays_the_forward_mask():
+    # The mask is read out of one call (v = I, as above), then forward and gradients of a second call with
+    # the same seed are compared with float64 autograd through that mask.
+    b, h, n, d, p = 1, 2, 32, 16, 0.3
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, 24)
+    torch.manual_seed(5)
+    kept = attention(q, k, torch.eye(n).expand(b, h, n, n).contiguous(), dropout_p=p, causal=True,
+                     backend="triton") != 0  # fmt: skip
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    torch.manual_seed(5)
+    out = attention(*leaves, dropout_p=p, causal=True, backend="triton")
+    grad_out = torch.randn(out.shape)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    s = (ref[0] @ ref[1].transpose(-1, -2) / math.sqrt(d)).masked_fill(torch.ones(n, n).triu(1).bool(), -math.inf)
+    want_out = (s.softmax(-1) * kept / (1.0 - p)) @ ref[2]
+    want = torch.autograd.grad(want_out, ref, grad_out.double())
+    assert _rel(out.double(), want_out) <= 1e-5
+    for g, w in zip(got, want):
+        assert _rel(g.double(), w) <= 1e-5
 
 
 class DropoutMHA(nn.Module):

@@ -24,6 +24,7 @@ from fxfuse.backends.triton.attention import (
     attention_triton,
     broadcast_strides,
     dot_args,
+    dropout_tile,
     flags,
     head_blocks,
     kernel_args,
@@ -52,10 +53,11 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _probs_and_ds(
-    s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+    SOFTMAX: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """(p, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by masked_value."""
+    """(p after dropout, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by
+    masked_value. With dropout, delta = rowsum(dO * O) still equals rowsum(p * dP) of the dropped p."""
     in_m = offs_m < NQ
     r = tl.maximum(s, 0.0)  # relu2 only; unused (and dropped by the compiler) for softmax
     if SOFTMAX:
@@ -68,13 +70,17 @@ def _probs_and_ds(
     valid = in_m[:, None] & (offs_n[None, :] < NK)
     p = tl.where(valid, p, 0.0)
     dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
+    p_out = p
+    if DROPOUT:
+        p_out = dropout_tile(p, offs_m, offs_n, pid_bh, NK, dropout_p, seed)
+        dp = dropout_tile(dp, offs_m, offs_n, pid_bh, NK, dropout_p, seed)
     if SOFTMAX:
         delta = tl.load(Delta + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
         ds = p * (dp - delta[:, None])
     else:
         ds = dp * 2.0 * r
     ds = tl.where(keep & valid, ds, 0.0)
-    return p, ds
+    return p_out, ds
 
 
 @triton.jit
@@ -83,9 +89,9 @@ def _attn_bwd_dkdv(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
     sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H, HKV, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    H, HKV, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -131,8 +137,8 @@ def _attn_bwd_dkdv(
                 NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
             )  # fmt: skip
             p, ds = _probs_and_ds(
-                s, keep, offs_m, offs_n, b * H + h, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-                SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+                s, keep, offs_m, offs_n, b * H + h, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+                SOFTMAX, DROPOUT, DOT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
             dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
             dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)
@@ -161,9 +167,9 @@ def _attn_bwd_dq(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
     sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd, sdbb, sdbh, sdbm, sdbn,
-    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -207,8 +213,8 @@ def _attn_bwd_dq(
             NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
         )  # fmt: skip
         p, ds = _probs_and_ds(
-            s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-            SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+            s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+            SOFTMAX, DROPOUT, DOT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
         if BIAS_GRAD:
             # dS summed into bias's shape: strides are 0 along its broadcast dims.
@@ -247,15 +253,17 @@ def attention_triton_backward(
     bias_grad: bool,
     out: Tensor | None = None,
     stats: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] in the inputs' dtypes, and dbias in
     bias's shape (float32) when `bias_grad`, else None. `out` and `stats` are the forward's (recomputed
-    when not given)."""
+    when not given); dropout_p and seed must be the forward's."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     if score_fn == "softmax" and (out is None or stats is None or stats.numel() == 0):
-        out, stats = attention_triton(*args, store_stats=True)
+        out, stats = attention_triton(*args, store_stats=True, dropout_p=dropout_p, seed=seed)
     elif score_fn != "softmax":
         stats = None
     block_d, block_dv = head_blocks(q, v)
@@ -286,9 +294,9 @@ def attention_triton_backward(
     common = dict(
         **flags(bias, mask, q_seg, causal, masked_value, score_fn),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        **dot_args(q.dtype), num_warps=4, num_stages=1,
+        **dot_args(q.dtype), DROPOUT=dropout_p > 0.0, num_warps=4, num_stages=1,
     )  # fmt: skip
-    scalars = (float(scale), int(causal_offset), float(masked_value), b * hq * nq)
+    scalars = (float(scale), int(causal_offset), float(masked_value), b * hq * nq, float(dropout_p), int(seed))
     _attn_bwd_dkdv[(triton.cdiv(nk, block_n), b * hkv)](
         q, k, v, *tensors, grad_out, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dk.stride(), *dv.stride(),

@@ -147,11 +147,12 @@ def _run_forward(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset
         # Drawn from torch's generator (torch.manual_seed makes runs repeatable); the backward replays
         # the mask from it.
         seed = int(torch.randint(0, 2**62, ()).item())
-        out = attention_reference(*args, dropout_p, seed)
-    elif name == "triton":
+    if name == "triton":
         from fxfuse.backends.triton.attention import attention_triton
 
-        out, row_stats = attention_triton(*args, store_stats=stats)
+        out, row_stats = attention_triton(*args, store_stats=stats, dropout_p=dropout_p, seed=seed)
+    elif dropout_p > 0.0:
+        out = attention_reference(*args, dropout_p, seed)
     elif name == "cpu" and stats:
         from fxfuse.backends.cpu.attention import attention_cpu_with_stats
 
@@ -169,10 +170,8 @@ def _run_forward(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset
 def _stats_shape(backend, q, k, v, score_fn, masked_value, dropout_p) -> tuple[int, ...]:
     """Shape of the row statistics `attention_forward` returns ((0,) when its backward recomputes them).
     Fake impls call it with symbolic shapes, hence not `_choose` (cached on ints)."""
-    if dropout_p > 0.0:
-        return (0,)
     name = attention_backend(backend, q.device, dtype=q.dtype, head_dim=q.shape[3], v_head_dim=v.shape[3],
-                             score_fn=score_fn, masked_value=masked_value)[0]  # fmt: skip
+                             score_fn=score_fn, masked_value=masked_value, dropout_p=dropout_p)[0]  # fmt: skip
     if name == "triton" and score_fn == "softmax":
         return (2, *q.shape[:3])  # row max and 1 / row sum
     if name == "cpu":
@@ -246,13 +245,14 @@ def attention_backward_op(
     `dropout_seed` are attention_forward's outputs."""
     args = (grad_out, q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     name = _choose(backend, q, k, v, score_fn, masked_value, dropout_p)
-    if dropout_p > 0.0:
-        dq, dk, dv, ds = attention_reference_backward(*args, dropout_p, int(dropout_seed.item()))
-        dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None
-    elif name == "triton":
+    if name == "triton":
         from fxfuse.backends.triton.attention_bwd import attention_triton_backward
 
-        dq, dk, dv, dbias = attention_triton_backward(*args, bias_grad, out=out, stats=stats)
+        dq, dk, dv, dbias = attention_triton_backward(*args, bias_grad, out=out, stats=stats, dropout_p=dropout_p,
+                                                      seed=int(dropout_seed.item()))  # fmt: skip
+    elif dropout_p > 0.0:
+        dq, dk, dv, ds = attention_reference_backward(*args, dropout_p, int(dropout_seed.item()))
+        dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None
     elif name == "cpu":
         from fxfuse.backends.cpu.attention import attention_cpu_backward
 
