@@ -284,3 +284,14 @@ def test_triton_bias_gradient_in_broadcast_shape(shape, score_fn):
     for got, want in zip(grads["triton"], grads["reference"]):
         assert got.shape == want.shape
         assert _rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(20,), (18, 20), (3, 18, 20)], ids=["1d", "2d", "3d"])
+def test_cpu_backward_takes_biases_of_any_rank(shape):
+    # ATen's CPU flash kernels take 2-D or 4-D masks only; the others are viewed as 4-D.
+    q, k, v = (torch.randn(2, 3, n, 16, requires_grad=True) for n in (18, 20, 20))
+    bias = torch.randn(shape)
+    grads = [torch.autograd.grad(attention(q, k, v, bias=bias, backend=b).square().sum(), (q, k, v))
+             for b in ("cpu", "reference")]  # fmt: skip
+    for got, want in zip(*grads):
+        assert _rel(got, want) <= 1e-5

@@ -110,6 +110,8 @@ def _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset, mask
                                             k.shape[2])  # fmt: skip
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, -math.inf)
+    if attn_mask is not None and attn_mask.dim() != 4:  # the flash kernels take 2-D or 4-D masks
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), attn_mask, is_causal, dead
 
 
