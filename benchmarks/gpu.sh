@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU run: CUDA kernel tests, then `fxfuse bench --suite gpu` (attention TFLOP/s, SPP GB/s).
+# The GPU run: CUDA kernel tests, then `fxfuse bench --suite gpu` (attention TFLOP/s, SPP GB/s), then
+# the peak memory of an attention layer's training step, original vs optimized (printed only).
 # For a machine with torch + Triton preinstalled and no network; it never installs torch.
 # Usage (from anywhere): bash benchmarks/gpu.sh
 # Writes benchmarks/results/<date>-<device>.json and .md. Hard timeouts per section keep the whole run
@@ -35,18 +36,19 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run one section under a hard t
 }
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  section "kernel tests" 120 env FXFUSE_TEST_DEVICE=cuda "$PY" -m pytest -q \
+  section "kernel tests" 90 env FXFUSE_TEST_DEVICE=cuda "$PY" -m pytest -q \
     tests/test_attention_op.py tests/test_spp_op.py tests/test_linear_attention_op.py \
     tests/test_ssm_scan_op.py
 else
   echo "gpu.sh: pytest is not installed here; kernel tests skipped" >&2
   status=1
 fi
-section "attention bench" 150 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 120 --json "$out"
-section "spp bench" 45 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 25 --json "$out"
-section "linear attention bench" 75 "$PY" -m fxfuse.bench --suite gpu --section linear_attention --budget-s 55 \
+section "attention bench" 130 "$PY" -m fxfuse.bench --suite gpu --section attention --budget-s 100 --json "$out"
+section "spp bench" 40 "$PY" -m fxfuse.bench --suite gpu --section spp --budget-s 25 --json "$out"
+section "linear attention bench" 60 "$PY" -m fxfuse.bench --suite gpu --section linear_attention --budget-s 45 \
   --json "$out"
-section "ssm scan bench" 60 "$PY" -m fxfuse.bench --suite gpu --section ssm_scan --budget-s 40 --json "$out"
+section "ssm scan bench" 50 "$PY" -m fxfuse.bench --suite gpu --section ssm_scan --budget-s 35 --json "$out"
+section "training memory" 60 "$PY" benchmarks/training_memory.py --device cuda
 
 [ -f "${out%.json}.md" ] && cat "${out%.json}.md"
 echo "gpu.sh: results in $out and ${out%.json}.md (exit $status)" >&2

@@ -65,6 +65,30 @@ def optimize_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[object], options: Options, report: Report
 ) -> Callable:
     """Rewrite one dynamo graph; returns what dynamo should run (the captured graph when nothing applied)."""
+    # Capture and verification run the graph and its backward; under the caller's saved-tensor hooks
+    # (activation checkpointing recompiling for a new input) those runs would count as the region's own.
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        aten = _rewrite_graph(gm, example_inputs, options, report)
+    if options.compile_rest and isinstance(aten, torch.fx.GraphModule):
+        from torch._inductor.compile_fx import compile_fx
+
+        try:
+            return compile_fx(aten, list(example_inputs))
+        except Exception as exc:
+            # Left to dynamo, this error would make it run the whole frame eagerly, as the user wrote it,
+            # while the report counted rewrites that never run: keep them, uncompiled.
+            _warn(report, f"graph {report.graphs}: Inductor could not compile the rewritten graph "
+                          f"({type(exc).__name__}: {_first_line(exc)}); it runs rewritten but uncompiled")
+    return aten
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _rewrite_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object], options: Options, report: Report
+) -> Callable:
     report.graphs += 1
     graph_id = report.graphs
     note = backend_note(options.backend, example_inputs)
@@ -105,16 +129,6 @@ def optimize_graph(
             _warn(report, f"graph {graph_id}: the rewritten graph did not match the original "
                           f"({check.reason}); all its rewrites were withdrawn")
             return gm.forward
-    if options.compile_rest:
-        from torch._inductor.compile_fx import compile_fx
-
-        try:
-            return compile_fx(aten, list(example_inputs))
-        except Exception as exc:
-            # Left to dynamo, this error would make it run the whole frame eagerly, as the user wrote it,
-            # while the report counted rewrites that never run: keep them, uncompiled.
-            _warn(report, f"graph {graph_id}: Inductor could not compile the rewritten graph "
-                          f"({type(exc).__name__}: {_first_line(exc)}); it runs rewritten but uncompiled")
     return aten
 
 

@@ -21,11 +21,15 @@ from fxfuse.fusion.attention.reference import (
     attention_reference_backward,
     build_keep,
     compute_dtype,
+    expand_kv,
+    reduce_kv,
     reduce_to_shape,
 )
 
 # Score elements per chunk of the chunked path (float32): 4M elements = 16 MB, about an L3's worth.
 _CHUNK_ELEMENTS = 1 << 22
+# Mask values at or below this leave a score saturated (s + value rounds to value): see _flash_backward.
+_SATURATED = torch.finfo(torch.float32).min / 2
 
 
 def sdpa_unsupported(score_fn: str, masked_value: float) -> str | None:
@@ -51,30 +55,106 @@ def _chunk_rows(q: Tensor, nk: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, b * h * nk))
 
 
+def _sdpa_mask(q, bias, mask, q_seg, k_seg, causal, causal_offset, masked_value, nk):
+    """(attn_mask for SDPA (bool, float in the compute dtype, or None), is_causal, rows to set to NaN or
+    None). SDPA adds a float mask, which equals replacing by masked_value (see sdpa_unsupported)."""
+    nq, acc = q.shape[2], compute_dtype(q.dtype)
+    if causal and causal_offset == 0 and bias is None and mask is None and q_seg is None:
+        # SDPA's is_causal is top-left aligned (j <= i), i.e. causal_offset == 0; no row is fully masked.
+        return None, True, None
+    keep = build_keep(mask, q_seg, k_seg, causal, causal_offset, nq, nk, q.device)
+    if bias is None and keep is not None and masked_value == -math.inf:
+        return keep, False, ~keep.any(-1, keepdim=True)
+    attn_mask = bias.to(acc) if bias is not None else None
+    if keep is not None:
+        base = attn_mask if attn_mask is not None else torch.zeros((), dtype=acc, device=q.device)
+        attn_mask = torch.where(keep, base, torch.tensor(masked_value, dtype=acc, device=q.device))
+    dead = None if attn_mask is None else (attn_mask == -math.inf).all(-1, keepdim=True)
+    return attn_mask, False, dead
+
+
+def _nan_rows(out: Tensor, dead: Tensor | None) -> Tensor:
+    if dead is not None and bool(dead.any()):  # the test is cheaper than an unneeded masked_fill
+        out = out.masked_fill(dead, math.nan)
+    return out
+
+
 def _sdpa(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value) -> Tensor:
-    nq, nk = q.shape[2], k.shape[2]
     # Half inputs: the reference accumulates in float32 and finfo(float32).min would overflow a half mask.
     acc = compute_dtype(q.dtype)
     qf, kf, vf = (t if t.dtype == acc else t.to(acc) for t in (q, k, v))
-    only_causal = causal and causal_offset == 0 and bias is None and mask is None and q_seg is None
-    if only_causal:
-        # SDPA's is_causal is top-left aligned (j <= i), i.e. causal_offset == 0; no row is fully masked.
-        out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=True)
-        return out.to(q.dtype)
-    keep = build_keep(mask, q_seg, k_seg, causal, causal_offset, nq, nk, q.device)
-    if bias is None and keep is not None and masked_value == -math.inf:
-        attn_mask = keep
-        dead = ~keep.any(-1, keepdim=True)
-    else:
-        attn_mask = bias.to(acc) if bias is not None else None
-        if keep is not None:
-            base = attn_mask if attn_mask is not None else torch.zeros((), dtype=acc, device=q.device)
-            attn_mask = torch.where(keep, base, torch.tensor(masked_value, dtype=acc, device=q.device))
-        dead = None if attn_mask is None else (attn_mask == -math.inf).all(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, scale=scale, enable_gqa=True)
-    if dead is not None and bool(dead.any()):  # the test is cheaper than an unneeded masked_fill
-        out = out.masked_fill(dead, math.nan)
+    attn_mask, is_causal, dead = _sdpa_mask(q, bias, mask, q_seg, k_seg, causal, causal_offset, masked_value,
+                                            k.shape[2])  # fmt: skip
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=True)  # fmt: skip
+    out = _nan_rows(out, dead)
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def cpu_stats_unsupported(dtype: torch.dtype, head_dim: int, v_head_dim: int, score_fn: str,
+                          masked_value: float) -> str | None:  # fmt: skip
+    """Why ATen's CPU flash attention cannot give this case's log-sum-exp (None when it can)."""
+    why = sdpa_unsupported(score_fn, masked_value)
+    if why is not None:
+        return why
+    if dtype not in (torch.float32, torch.float64):
+        return f"dtype {dtype} (the chunked backward recomputes the row statistics)"
+    if head_dim != v_head_dim:
+        return "q/k and v head dims differ"
+    return None
+
+
+def _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset, masked_value):
+    """k and v with the query's heads, and SDPA's mask as a float mask (the flash kernels take no bool)."""
+    attn_mask, is_causal, dead = _sdpa_mask(q, bias, mask, q_seg, k_seg, causal, causal_offset, masked_value,
+                                            k.shape[2])  # fmt: skip
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, -math.inf)
+    if attn_mask is not None and attn_mask.dim() != 4:  # the flash kernels take 2-D or 4-D masks
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), attn_mask, is_causal, dead
+
+
+def attention_cpu_with_stats(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    q_seg: Tensor | None,
+    k_seg: Tensor | None,
+    scale: float,
+    causal: bool,
+    causal_offset: int,
+    masked_value: float,
+    score_fn: str,
+) -> tuple[Tensor, Tensor | None]:
+    """Forward for training: (out [B, Hq, Nq, Dv], row log-sum-exp [B, Hq, Nq] for the backward, or None
+    where `cpu_stats_unsupported`)."""
+    if cpu_stats_unsupported(q.dtype, q.shape[3], v.shape[3], score_fn, masked_value) is not None:
+        return attention_cpu(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value,
+                             score_fn), None  # fmt: skip
+    kx, vx, attn_mask, is_causal, dead = _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset,
+                                                       masked_value)  # fmt: skip
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, kx, vx, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    return _nan_rows(out, dead), lse
+
+
+def _flash_backward(grad_out, q, k, v, bias, mask, q_seg, k_seg, out, lse, scale, causal, causal_offset,
+                    masked_value) -> tuple[Tensor, Tensor, Tensor] | None:  # fmt: skip
+    """(dq, dk, dv) from ATen's CPU flash backward with the forward's log-sum-exp, or None where a row is
+    masked everywhere: its log-sum-exp (masked value + log N rounds to the masked value) does not give
+    back its probabilities."""
+    kx, vx, attn_mask, is_causal, _ = _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset,
+                                                    masked_value)  # fmt: skip
+    if attn_mask is not None and not bool((attn_mask > _SATURATED).any(-1).all()):
+        return None
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.contiguous(), q, kx, vx, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    return dq, reduce_kv(dk, k.shape[1]), reduce_kv(dv, k.shape[1])
 
 
 def attention_cpu(
@@ -134,12 +214,20 @@ def attention_cpu_backward(
     masked_value: float,
     score_fn: str,
     bias_grad: bool,
+    out: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients over query chunks, in float32 (float64 for float64 inputs).
+    """Gradients, in float32 (float64 for float64 inputs): from the forward's output and log-sum-exp
+    `stats` [B, Hq, Nq] by ATen's CPU flash backward where it applies, else over query chunks.
 
     Returns dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv], and dbias in bias's shape when
-    `bias_grad` (else None).
+    `bias_grad` (else None): summed chunk by chunk, so a broadcast bias never gets a [B, H, Nq, Nk] buffer.
     """
+    if stats is not None and stats.numel() and out is not None and not bias_grad:
+        grads = _flash_backward(grad_out, q, k, v, bias, mask, q_seg, k_seg, out, stats, scale, causal,
+                                causal_offset, masked_value)  # fmt: skip
+        if grads is not None:
+            return (*grads, None)
     nq, nk = q.shape[2], k.shape[2]
     step = _chunk_rows(q, nk)
     dqs = []

@@ -31,8 +31,6 @@ def triton_unsupported(dtype: torch.dtype, head_dim: int, v_head_dim: int, dropo
         return f"dtype {dtype} is not float16/bfloat16/float32"
     if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= v_head_dim <= MAX_HEAD_DIM):
         return f"head dims ({head_dim}, {v_head_dim}) are outside 1..{MAX_HEAD_DIM}"
-    if dropout_p > 0.0:
-        return "dropout is not implemented in the Triton kernels"
     return None
 
 
@@ -44,6 +42,15 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def dropout_tile(p, offs_m, offs_n, pid_bh, NK, dropout_p, seed):
+    """Inverted dropout of a [BLOCK_M, BLOCK_N] tile: p / (1 - dropout_p) where kept, 0 elsewhere. The
+    keep mask is Philox(seed + batch*head, row * NK + key): the backward draws the same one."""
+    offs = offs_m[:, None].to(tl.int64) * NK + offs_n[None, :]
+    keep = tl.rand(seed + pid_bh, offs) >= dropout_p
+    return tl.where(keep, p / (1.0 - dropout_p), 0.0)
 
 
 @triton.jit
@@ -91,9 +98,9 @@ def _attn_fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
     sob, soh, som, sod,
-    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, STORE_STATS: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, STORE_STATS: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -146,6 +153,8 @@ def _attn_fwd(
         else:
             r = tl.maximum(s, 0.0)
             p = r * r
+        if DROPOUT:  # after the row sum: dropout drops probabilities, it does not renormalize them
+            p = dropout_tile(p, offs_m, offs_n, pid_bh, NK, dropout_p, seed)
         acc += mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     if SOFTMAX:
         acc = acc / l_i[:, None]
@@ -227,9 +236,12 @@ def attention_triton(
     masked_value: float,
     score_fn: str,
     store_stats: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Forward: out [B, Hq, Nq, Dv] in q's dtype; with store_stats (softmax only) also the row max and
-    1 / row sum, stats [2, B, Hq, Nq] float32."""
+    1 / row sum, stats [2, B, Hq, Nq] float32. dropout_p > 0 drops probabilities with a mask drawn from
+    `seed` (see dropout_tile)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((b, hq, nq, dv), dtype=q.dtype, device=q.device)
@@ -248,7 +260,8 @@ def attention_triton(
         q, k, v, *tensors, out, stats if stats is not None else out,
         *q.stride(), *k.stride(), *v.stride(), *strides, *out.stride(),
         hq, nq, nk, d, dv, hq // hkv, float(scale), int(causal_offset), float(masked_value), b * hq * nq,
-        **flags(bias, mask, q_seg, causal, masked_value, score_fn), STORE_STATS=store_stats,
+        float(dropout_p), int(seed),
+        **flags(bias, mask, q_seg, causal, masked_value, score_fn), STORE_STATS=store_stats, DROPOUT=dropout_p > 0.0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         **dot_args(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -1,13 +1,15 @@
 """Triton backward of `fxfuse::attention`, FlashAttention-2 style.
 
-The op's schema returns only `out`, so the backward reruns the forward kernel to get the row
-statistics (max and 1 / sum), then runs three kernels:
+The forward hands over its output and row statistics (max and 1 / sum, [2, B, Hq, Nq]); without them
+the forward kernel runs again. Then three kernels:
 - delta = rowsum(dO * O) per query row (softmax only);
 - dk, dv: one program per key block and kv head, looping over the query heads of its GQA group and
   over query blocks, so the group's gradients are summed in registers;
-- dq: one program per query block and query head. When bias needs a gradient it also writes dS
-  [B, Hq, Nq, Nk] in float32, summed afterwards to bias's broadcast shape (materialized: simple, and
-  only paid for a learned bias).
+- dq: one program per query block and query head. When bias needs a gradient it also adds each dS
+  tile into a float32 buffer of bias's own (broadcast) shape: summed in registers along broadcast query
+  or key dims, by atomic adds along broadcast batch or head dims. A [1, H, N, N] or [B, 1, 1, N] bias
+  never gets a [B, H, N, N] buffer; the order of the atomic adds makes it non-deterministic in the last
+  bits on a GPU.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from torch import Tensor
 from fxfuse.backends import triton_interpreting
 from fxfuse.backends.triton.attention import (
     attention_triton,
+    broadcast_strides,
     dot_args,
+    dropout_tile,
     flags,
     head_blocks,
     kernel_args,
     mma,
     score_tile,
 )
-from fxfuse.fusion.attention.reference import reduce_to_shape
 
 
 @triton.jit
@@ -50,10 +53,11 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _probs_and_ds(
-    s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+    SOFTMAX: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """(p, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by masked_value."""
+    """(p after dropout, dS) of one [BLOCK_M, BLOCK_N] tile; dS is 0 where a position was replaced by
+    masked_value. With dropout, delta = rowsum(dO * O) still equals rowsum(p * dP) of the dropped p."""
     in_m = offs_m < NQ
     r = tl.maximum(s, 0.0)  # relu2 only; unused (and dropped by the compiler) for softmax
     if SOFTMAX:
@@ -66,13 +70,17 @@ def _probs_and_ds(
     valid = in_m[:, None] & (offs_n[None, :] < NK)
     p = tl.where(valid, p, 0.0)
     dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
+    p_out = p
+    if DROPOUT:
+        p_out = dropout_tile(p, offs_m, offs_n, pid_bh, NK, dropout_p, seed)
+        dp = dropout_tile(dp, offs_m, offs_n, pid_bh, NK, dropout_p, seed)
     if SOFTMAX:
         delta = tl.load(Delta + pid_bh * NQ + offs_m, mask=in_m, other=0.0)
         ds = p * (dp - delta[:, None])
     else:
         ds = dp * 2.0 * r
     ds = tl.where(keep & valid, ds, 0.0)
-    return p, ds
+    return p_out, ds
 
 
 @triton.jit
@@ -81,9 +89,9 @@ def _attn_bwd_dkdv(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
     sdb, sdh, sdm, sdd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H, HKV, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    H, HKV, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -129,8 +137,8 @@ def _attn_bwd_dkdv(
                 NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
             )  # fmt: skip
             p, ds = _probs_and_ds(
-                s, keep, offs_m, offs_n, b * H + h, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-                SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+                s, keep, offs_m, offs_n, b * H + h, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+                SOFTMAX, DROPOUT, DOT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
             dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
             dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT)
@@ -155,13 +163,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DQ, DS,
+    Q, K, V, Bias, Mask, QSeg, KSeg, DO, Stats, Delta, DQ, DB,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, sqsb, sqsm, sksb, sksn,
-    sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd,
-    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE,
+    sdb, sdh, sdm, sdd, sdqb, sdqh, sdqm, sdqd, sdbb, sdbh, sdbm, sdbn,
+    H, NQ, NK, D, DV, GROUP, scale, causal_offset, masked_value, STATS_SIZE, dropout_p, seed,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, STORE_DS: tl.constexpr,
+    SOFTMAX: tl.constexpr, SKIP_MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, DB_SUM_M: tl.constexpr, DB_SUM_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -204,14 +213,21 @@ def _attn_bwd_dq(
             NQ, NK, causal_offset, masked_value, HAS_BIAS, HAS_MASK, HAS_SEG, CAUSAL,
         )  # fmt: skip
         p, ds = _probs_and_ds(
-            s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE,
-            SOFTMAX, DOT_PRECISION, UPCAST_DOT,
+            s, keep, offs_m, offs_n, pid_bh, Stats, Delta, do, v, NQ, NK, STATS_SIZE, dropout_p, seed,
+            SOFTMAX, DROPOUT, DOT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
-        if STORE_DS:
-            tl.store(
-                DS + pid_bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], ds,
-                mask=in_m & (offs_n[None, :] < NK),
-            )  # fmt: skip
+        if BIAS_GRAD:
+            # dS summed into bias's shape: strides are 0 along its broadcast dims.
+            db = DB + b * sdbb + h * sdbh
+            if DB_SUM_M and DB_SUM_N:
+                tl.atomic_add(db, tl.sum(tl.sum(ds, 1), 0))
+            elif DB_SUM_M:
+                tl.atomic_add(db + offs_n * sdbn, tl.sum(ds, 0), mask=offs_n < NK)
+            elif DB_SUM_N:
+                tl.atomic_add(db + offs_m * sdbm, tl.sum(ds, 1), mask=offs_m < NQ)
+            else:
+                tl.atomic_add(db + offs_m[:, None] * sdbm + offs_n[None, :] * sdbn, ds,
+                              mask=in_m & (offs_n[None, :] < NK))  # fmt: skip
         dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     dq = dq * scale
     tl.store(
@@ -235,13 +251,21 @@ def attention_triton_backward(
     masked_value: float,
     score_fn: str,
     bias_grad: bool,
+    out: Tensor | None = None,
+    stats: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv] in the inputs' dtypes, and dbias in
-    bias's shape (float32) when `bias_grad`, else None."""
+    bias's shape (float32) when `bias_grad`, else None. `out` and `stats` are the forward's (recomputed
+    when not given); dropout_p and seed must be the forward's."""
     b, hq, nq, d = q.shape
     hkv, nk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
-    out, stats = attention_triton(*args, store_stats=True)
+    if score_fn == "softmax" and (out is None or stats is None or stats.numel() == 0):
+        out, stats = attention_triton(*args, store_stats=True, dropout_p=dropout_p, seed=seed)
+    elif score_fn != "softmax":
+        stats = None
     block_d, block_dv = head_blocks(q, v)
     if triton_interpreting():
         block_m, block_n = 16, 16
@@ -256,29 +280,33 @@ def attention_triton_backward(
             out, grad_out, delta, *out.stride(), *grad_out.stride(), hq, nq, dv_dim,
             BLOCK_M=block_m, BLOCK_DV=block_dv,
         )  # fmt: skip
-    stats = stats if stats is not None else out
-    delta = delta if delta is not None else out
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    stats = stats if stats is not None else dq  # relu2: never read
+    delta = delta if delta is not None else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    store_ds = bias_grad and bias is not None
-    ds = torch.zeros((b, hq, nq, nk), dtype=torch.float32, device=q.device) if store_ds else dq
+    has_db = bias_grad and bias is not None
+    db = dq
+    if has_db:
+        db = torch.zeros((1,) * (4 - bias.dim()) + tuple(bias.shape), dtype=torch.float32, device=q.device)
+    db_strides = broadcast_strides(db if has_db else None, (b, hq, nq, nk))
     tensors, strides = kernel_args(q, k, v, bias, mask, q_seg, k_seg)
     common = dict(
         **flags(bias, mask, q_seg, causal, masked_value, score_fn),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        **dot_args(q.dtype), num_warps=4, num_stages=1,
+        **dot_args(q.dtype), DROPOUT=dropout_p > 0.0, num_warps=4, num_stages=1,
     )  # fmt: skip
-    scalars = (float(scale), int(causal_offset), float(masked_value), b * hq * nq)
+    scalars = (float(scale), int(causal_offset), float(masked_value), b * hq * nq, float(dropout_p), int(seed))
     _attn_bwd_dkdv[(triton.cdiv(nk, block_n), b * hkv)](
         q, k, v, *tensors, grad_out, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dk.stride(), *dv.stride(),
         hq, hkv, nq, nk, d, dv_dim, hq // hkv, *scalars, **common,
     )  # fmt: skip
     _attn_bwd_dq[(triton.cdiv(nq, block_m), b * hq)](
-        q, k, v, *tensors, grad_out, stats, delta, dq, ds,
-        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dq.stride(),
-        hq, nq, nk, d, dv_dim, hq // hkv, *scalars, STORE_DS=store_ds, **common,
+        q, k, v, *tensors, grad_out, stats, delta, dq, db,
+        *q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *dq.stride(), *db_strides,
+        hq, nq, nk, d, dv_dim, hq // hkv, *scalars, BIAS_GRAD=has_db,
+        DB_SUM_M=has_db and db.shape[2] == 1 and nq > 1, DB_SUM_N=has_db and db.shape[3] == 1 and nk > 1,
+        **common,
     )  # fmt: skip
-    dbias = reduce_to_shape(ds, bias.shape) if store_ds else None
-    return dq, dk, dv, dbias
+    return dq, dk, dv, db.view(bias.shape) if has_db else None

@@ -38,8 +38,8 @@ def attention(
     Query head h reads kv head h // (Hq // Hkv) (GQA). A fully-masked row gives NaN with masked_value
     -inf and the mean of v with finfo(float32).min, as the formula does. backend: "auto", "triton",
     "cpu" or "reference"; `attention_backend` tells which one runs. Gradients flow to q, k, v and bias;
-    dropout_p > 0 runs in the reference, and its backward (which replays the forward's mask) works in
-    eager mode only: a traced one raises NotImplementedError.
+    dropout_p > 0 runs in the Triton kernels (a Philox mask drawn in-kernel) or else in the reference,
+    seeded from torch's generator; the backward replays the forward's mask, eagerly or traced.
     """
     check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
     if scale is None:

@@ -1,12 +1,15 @@
-"""`fxfuse::attention` custom op: input checks, backend dispatch, fake impl and autograd.
+"""`fxfuse::attention` op: input checks, backend dispatch, fake impls and autograd.
 
-The backward is its own opaque op (`fxfuse::attention_backward`) so make_fx / torch.compile / export
-trace it as one node, like the forward, instead of tracing into Triton launches.
+Three ops, each one opaque node for make_fx / torch.compile / export (never traced into Triton launches):
+- `fxfuse::attention` returns the output; rewritten graphs call it, and without gradients it is all
+  that runs;
+- `fxfuse::attention_forward` also returns what the backward needs: the row statistics (O(B*H*N), the
+  kernels' by-product) and the dropout seed; `fxfuse::attention`'s autograd kernel runs it and saves them;
+- `fxfuse::attention_backward` takes them back, so no backend re-runs its forward for them.
 """
 
 import functools
 import math
-import threading
 
 import torch
 from torch import Tensor
@@ -16,6 +19,7 @@ from fxfuse.fusion.attention.reference import (
     SCORE_FNS,
     attention_reference,
     attention_reference_backward,
+    compute_dtype,
     reduce_to_shape,
 )
 
@@ -117,49 +121,43 @@ def _backend_name(backend: str, device: torch.device, dtype: torch.dtype, head_d
                              score_fn=score_fn, masked_value=masked_value, dropout_p=dropout_p)[0]  # fmt: skip
 
 
-# The seed of the last forward with dropout, per thread (see attention_op and _setup_context).
-_dropout = threading.local()
-
-
 # Spelled out: inference from the hints would make causal_offset a SymInt.
-_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? q_seg, Tensor? k_seg, "
-    "float scale, bool causal, int causal_offset, float masked_value, str score_fn, float dropout_p, "
-    "str backend) -> Tensor"
+_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, Tensor? q_seg, Tensor? k_seg, "
+    "float scale, bool causal, int causal_offset, float masked_value, str score_fn, float dropout_p"
 )
+_SCHEMA = f"({_ARGS}, str backend) -> Tensor"
+
+# `fxfuse::attention` is what rewritten graphs call. It is defined with torch.library directly, not
+# torch.library.custom_op, because its autograd kernel runs another op, `fxfuse::attention_forward`,
+# which also returns what the backward needs (a custom_op's autograd sees only its own outputs).
+_lib = torch.library.Library("fxfuse", "FRAGMENT")
+_lib.define("attention" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+attention_op = torch.ops.fxfuse.attention.default
 
 
-@torch.library.custom_op("fxfuse::attention", mutates_args=(), schema=_SCHEMA)
-def attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor | None,
-    mask: Tensor | None,
-    q_seg: Tensor | None,
-    k_seg: Tensor | None,
-    scale: float,
-    causal: bool,
-    causal_offset: int,
-    masked_value: float,
-    score_fn: str,
-    dropout_p: float,
-    backend: str,
-) -> Tensor:
+def _run_forward(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn,
+                 dropout_p, backend, stats: bool) -> tuple[Tensor, Tensor | None, int]:  # fmt: skip
+    """(out, row statistics for the backward or None, dropout seed)."""
     check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
     args = (q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     name = _choose(backend, q, k, v, score_fn, masked_value, dropout_p)
-    count_call("attention", "reference" if dropout_p > 0.0 else name)
+    count_call("attention", "reference" if dropout_p > 0.0 and name != "triton" else name)
+    seed, row_stats = 0, None
     if dropout_p > 0.0:
-        # Drawn from torch's generator (torch.manual_seed makes runs repeatable) and handed to
-        # _setup_context, which runs right after this in the same thread, for the backward's replay.
+        # Drawn from torch's generator (torch.manual_seed makes runs repeatable); the backward replays
+        # the mask from it.
         seed = int(torch.randint(0, 2**62, ()).item())
-        _dropout.seed = seed
-        out = attention_reference(*args, dropout_p, seed)
-    elif name == "triton":
+    if name == "triton":
         from fxfuse.backends.triton.attention import attention_triton
 
-        out = attention_triton(*args)[0]
+        out, row_stats = attention_triton(*args, store_stats=stats, dropout_p=dropout_p, seed=seed)
+    elif dropout_p > 0.0:
+        out = attention_reference(*args, dropout_p, seed)
+    elif name == "cpu" and stats:
+        from fxfuse.backends.cpu.attention import attention_cpu_with_stats
+
+        out, row_stats = attention_cpu_with_stats(*args)
     elif name == "cpu":
         from fxfuse.backends.cpu.attention import attention_cpu
 
@@ -167,15 +165,59 @@ def attention_op(
     else:
         out = attention_reference(*args)
     # Contiguous whatever the path (SDPA may follow q's layout): the fake impl promises this layout.
-    return out.contiguous()
+    return out.contiguous(), row_stats, seed
 
 
-@attention_op.register_fake
+def _stats_shape(backend, q, k, v, score_fn, masked_value, dropout_p) -> tuple[int, ...]:
+    """Shape of the row statistics `attention_forward` returns ((0,) when its backward recomputes them).
+    Fake impls call it with symbolic shapes, hence not `_choose` (cached on ints)."""
+    name = attention_backend(backend, q.device, dtype=q.dtype, head_dim=q.shape[3], v_head_dim=v.shape[3],
+                             score_fn=score_fn, masked_value=masked_value, dropout_p=dropout_p)[0]  # fmt: skip
+    if name == "triton" and score_fn == "softmax":
+        return (2, *q.shape[:3])  # row max and 1 / row sum
+    if name == "cpu":
+        from fxfuse.backends.cpu.attention import cpu_stats_unsupported
+
+        if cpu_stats_unsupported(q.dtype, q.shape[3], v.shape[3], score_fn, masked_value) is None:
+            return tuple(q.shape[:3])  # log-sum-exp
+    return (0,)
+
+
+def _attention_impl(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn,
+                    dropout_p, backend):  # fmt: skip
+    return _run_forward(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value,
+                        score_fn, dropout_p, backend, stats=False)[0]  # fmt: skip
+
+
+@torch.library.register_fake("fxfuse::attention", lib=_lib)
 def _attention_fake(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn,
                     dropout_p, backend):  # fmt: skip
     check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
-    _dropout.seed = None  # a traced forward must not pick up an earlier eager forward's seed
     return q.new_empty((*q.shape[:3], v.shape[3]))
+
+
+@torch.library.custom_op(
+    "fxfuse::attention_forward", mutates_args=(), schema=f"({_ARGS}, str backend) -> (Tensor, Tensor, Tensor)"
+)
+def attention_forward_op(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn,
+                         dropout_p, backend):  # fmt: skip
+    """(out [B, Hq, Nq, Dv], row statistics in the compute dtype ([2, B, Hq, Nq] row max and 1 / row sum
+    from the Triton kernels, [B, Hq, Nq] log-sum-exp on CPU, empty where the backward recomputes them), and
+    the dropout seed (int64 scalar; a graph value, so a traced backward replays the traced forward's mask))."""
+    out, stats, seed = _run_forward(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value,
+                                    score_fn, dropout_p, backend, stats=True)  # fmt: skip
+    if stats is None:  # the backward recomputes them (or the inputs are empty and there is nothing to do)
+        shape = _stats_shape(backend, q, k, v, score_fn, masked_value, dropout_p)
+        stats = q.new_empty(shape, dtype=compute_dtype(q.dtype))
+    return out, stats.contiguous(), torch.tensor(seed, dtype=torch.int64, device=q.device)
+
+
+@attention_forward_op.register_fake
+def _attention_forward_fake(q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value,
+                            score_fn, dropout_p, backend):  # fmt: skip
+    check_inputs(q, k, v, bias, mask, q_seg, k_seg, score_fn)
+    stats = q.new_empty(_stats_shape(backend, q, k, v, score_fn, masked_value, dropout_p), dtype=compute_dtype(q.dtype))
+    return q.new_empty((*q.shape[:3], v.shape[3])), stats, q.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
@@ -188,31 +230,35 @@ def attention_backward_op(
     mask: Tensor | None,
     q_seg: Tensor | None,
     k_seg: Tensor | None,
+    out: Tensor,
+    stats: Tensor,
+    dropout_seed: Tensor,
     scale: float,
     causal: bool,
     causal_offset: int,
     masked_value: float,
     score_fn: str,
     dropout_p: float,
-    dropout_seed: int,
     backend: str,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dbias) in the inputs' dtypes; dbias is empty when not `bias_grad`."""
+    """(dq, dk, dv, dbias) in the inputs' dtypes; dbias is empty when not `bias_grad`. `out`, `stats` and
+    `dropout_seed` are attention_forward's outputs."""
     args = (grad_out, q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn)
     name = _choose(backend, q, k, v, score_fn, masked_value, dropout_p)
-    count_call("attention_backward", "reference" if dropout_p > 0.0 else name)
-    if dropout_p > 0.0:
-        dq, dk, dv, ds = attention_reference_backward(*args, dropout_p, dropout_seed)
-        dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None
-    elif name == "triton":
+    count_call("attention_backward", "reference" if dropout_p > 0.0 and name != "triton" else name)
+    if name == "triton":
         from fxfuse.backends.triton.attention_bwd import attention_triton_backward
 
-        dq, dk, dv, dbias = attention_triton_backward(*args, bias_grad)
+        dq, dk, dv, dbias = attention_triton_backward(*args, bias_grad, out=out, stats=stats, dropout_p=dropout_p,
+                                                      seed=int(dropout_seed.item()))  # fmt: skip
+    elif dropout_p > 0.0:
+        dq, dk, dv, ds = attention_reference_backward(*args, dropout_p, int(dropout_seed.item()))
+        dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None
     elif name == "cpu":
         from fxfuse.backends.cpu.attention import attention_cpu_backward
 
-        dq, dk, dv, dbias = attention_cpu_backward(*args, bias_grad)
+        dq, dk, dv, dbias = attention_cpu_backward(*args, bias_grad, out=out, stats=stats)
     else:
         dq, dk, dv, ds = attention_reference_backward(*args)
         dbias = reduce_to_shape(ds, bias.shape) if bias_grad and bias is not None else None
@@ -222,38 +268,39 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset,
-                             masked_value, score_fn, dropout_p, dropout_seed, backend,
-                             bias_grad):  # fmt: skip
+def _attention_backward_fake(grad_out, q, k, v, bias, mask, q_seg, k_seg, out, stats, dropout_seed, scale, causal,
+                             causal_offset, masked_value, score_fn, dropout_p, backend, bias_grad):  # fmt: skip
     dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, mask, q_seg, k_seg, *params = inputs
-    ctx.save_for_backward(q, k, v, bias, mask, q_seg, k_seg)
-    ctx.params = params
-    dropout_p = params[5]
-    # Only a real (eager) forward draws a seed; traced ones (fake tensors) leave None.
-    ctx.dropout_seed = getattr(_dropout, "seed", None) if dropout_p > 0.0 else 0
-    _dropout.seed = None
+class _Attention(torch.autograd.Function):
+    """The autograd of `fxfuse::attention`: saves q, k, v (and bias, masks), the output and O(B*H*N)
+    row statistics, never the [B, H, Nq, Nk] probabilities."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, q_seg, k_seg, *params):
+        out, stats, seed = torch.ops.fxfuse.attention_forward(q, k, v, bias, mask, q_seg, k_seg, *params)
+        ctx.save_for_backward(q, k, v, bias, mask, q_seg, k_seg, out, stats, seed)
+        ctx.params = params
+        return out
 
-def _backward(ctx, grad_out):
-    q, k, v, bias, mask, q_seg, k_seg = ctx.saved_tensors
-    scale, causal, causal_offset, masked_value, score_fn, dropout_p, backend = ctx.params
-    if ctx.dropout_seed is None:
-        # Traced (torch.compile / make_fx): the seed would be baked into the graph as a constant.
-        raise NotImplementedError(
-            "fxfuse::attention with dropout_p > 0 has no traced backward; train it eagerly, or rewrite "
-            "the model in eval mode (dropout_p=0)"
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, mask, q_seg, k_seg, out, stats, seed = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = torch.ops.fxfuse.attention_backward(
+            grad_out, q, k, v, bias, mask, q_seg, k_seg, out, stats, seed, *ctx.params, bias_grad
         )
-    bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.fxfuse.attention_backward(
-        grad_out, q, k, v, bias, mask, q_seg, k_seg, scale, causal, causal_offset, masked_value, score_fn,
-        dropout_p, ctx.dropout_seed, backend, bias_grad,
-    )  # fmt: skip
-    return dq, dk, dv, dbias if bias_grad else None, *([None] * 10)
+        return dq, dk, dv, dbias if bias_grad else None, *([None] * (3 + len(ctx.params)))
 
 
-attention_op.register_autograd(_backward, setup_context=_setup_context)
+def _attention_autograd(keyset, *args):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _Attention.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return attention_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_lib.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_lib.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
