@@ -60,7 +60,7 @@ def test_layout_fits_100_columns_and_explains_the_figures():
     assert reason[0].startswith("  reason: failed verification") and len(reason) >= 2
     text = " ".join(str(rep).split())
     assert "error: fused site vs the original region run in float64" in text
-    assert "original: that region's own error vs float64" in text and "max(tolerance, original)" in text
+    assert "original: that region's own error vs float64" in text and "max(tolerance, 2 x original)" in text
     assert "whole model: each rewritten graph also runs on the real inputs" in text
     assert lines[-1].startswith("      ") and any(line.startswith("note: graph 1: a note") for line in lines)
     d = json.loads(json.dumps(rep.to_dict()))
