@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
 from torch.fx.passes.infra.pass_base import PassResult
 
 aten = torch.ops.aten
@@ -28,7 +29,7 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
 def _val(x: object) -> torch.Tensor | None:
     """The node's FakeTensor, or None (also when a size is data-dependent: no rule can compare it)."""
     v = x.meta.get("val") if isinstance(x, Node) else None
-    if not isinstance(v, torch.Tensor) or not all(isinstance(d, int) for d in (*v.shape, *v.stride())):
+    if not isinstance(v, torch.Tensor) or has_free_unbacked_symbols((*v.shape, *v.stride())):
         return None
     return v
 
