@@ -34,13 +34,16 @@ B, N, H, D = 2, 8, 4, 8
 DIM = H * D
 
 AXES = {
-    "scale": ("mul_scores", "div_scores", "on_q", "on_k", "split_sqrt", "none", "temperature"),
+    "scale": ("mul_scores", "div_scores", "in_place", "on_q", "on_k", "split_sqrt", "none", "temperature"),
     "mask": (
         "none", "additive", "bool_masked_fill", "where_finfo_min", "causal_tril_where",
-        "causal_triu_masked_fill", "causal_additive", "causal_offset", "sliding_window", "float_bias",
-        "block_mask_added",
+        "causal_triu_masked_fill", "causal_additive", "causal_offset", "sliding_window", "causal_sliding_window",
+        "extended_padding", "float_bias", "block_mask_added",
     ),
-    "norm": ("torch", "functional", "method", "upcast_to", "upcast_type_as", "manual_amax", "manual_max_values"),
+    "norm": (
+        "torch", "functional", "method", "softmax_dtype", "upcast_to", "upcast_type_as", "manual_amax",
+        "manual_max_values",
+    ),
     "product": ("matmul", "bmm", "einsum", "einsum_ellipsis", "v_pt"),
     "layout": ("bhnd", "bnhd", "merged"),
     "gqa": ("none", "repeat_interleave", "expand_reshape"),
@@ -111,7 +114,9 @@ class Spelling(nn.Module):
         keep[:, 0] = True  # every row keeps a key: no NaN rows in the original
         if self.c.mask == "additive" or self.c.near_miss == "softmax_then_weighted":
             return (torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None], torch.finfo(torch.float32).min),)
-        if self.c.mask in ("bool_masked_fill", "where_finfo_min") or self.c.near_miss == "softmax_then_zeroed":
+        if self.c.mask in ("bool_masked_fill", "where_finfo_min", "extended_padding"):
+            return (keep,)
+        if self.c.near_miss == "softmax_then_zeroed":
             return (keep,)
         if self.c.mask == "block_mask_added":
             blocks = torch.arange(N) // 3
@@ -183,6 +188,8 @@ class Spelling(nn.Module):
             s = s * D**-0.5
         elif c.scale == "div_scores":
             s = s / math.sqrt(D)
+        elif c.scale == "in_place":
+            s /= math.sqrt(D)
         elif c.scale == "temperature":
             s = self._back(self._four_d(s) * self.temperature)
         i = torch.arange(N, device=s.device)
@@ -204,6 +211,11 @@ class Spelling(nn.Module):
         elif c.mask == "sliding_window":
             keep = (i[:, None] - i[None, :]).abs() <= 2
             s = s.masked_fill(~keep, neg)
+        elif c.mask == "causal_sliding_window":
+            keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+            s = torch.where(keep, s, fmin)
+        elif c.mask == "extended_padding":  # Hugging Face's extended attention mask: (1 - keep) * finfo.min
+            s = self._back(self._four_d(s) + (1.0 - extra[0][:, None, None, :].to(s.dtype)) * fmin)
         elif c.mask == "float_bias":
             s = self._back(self._four_d(s) + self.bias)
         elif c.mask == "block_mask_added":
@@ -223,6 +235,8 @@ class Spelling(nn.Module):
             return F.softmax(s, dim=-1)
         if c.norm == "method":
             return s.softmax(-1)
+        if c.norm == "softmax_dtype":
+            return torch.softmax(s, -1, dtype=torch.float32).to(s.dtype)
         if c.norm == "upcast_to":
             return s.float().softmax(-1).to(s.dtype)
         if c.norm == "upcast_type_as":

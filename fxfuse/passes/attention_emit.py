@@ -65,8 +65,8 @@ def _gen(kinds: dict[int, object]) -> Callable:
             if first_row is not None:
                 masked[first_row] = True
             return (masked if kind == "masked" else ~masked).to(meta.device)
-        if not meta.is_floating_point():  # a boolean or integer bias: small integers
-            return torch.randint(0, 2, size, generator=g).to(meta.dtype).to(meta.device)
+        if meta.dtype == torch.bool:  # a boolean bias (0 or 1)
+            return (torch.rand(size, generator=g) < 0.5).to(meta.device)
         x = torch.randn(size, generator=g, dtype=torch.float64) * (100.0 if case == "large" else 1.0)
         x[torch.rand(size, generator=g) < 0.1] = torch.finfo(meta.dtype).min
         if first_row is not None:
@@ -125,7 +125,7 @@ def build_site(
         temps.append((slot(t.node), steps + _broadcast_steps(rank, roles.scores_labels, canon), t.negate))
     biases = []
     for b, mult, local in scores.biases:
-        # a boolean or integer bias is promoted by the addition; its values are small integers, exact in q's dtype
+        # a boolean bias is promoted by the addition: 0 and 1, exact in any float dtype
         steps = [] if val(b).is_floating_point() else [(aten.to.dtype, (val(q.node).dtype,))]
         steps += _regroup(shape(b), local, product)
         rank = len(product) + 2 if steps else val(b).dim()

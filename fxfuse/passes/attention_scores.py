@@ -160,7 +160,9 @@ def _rule_bias(n: Node) -> tuple[Node, Term] | None:
         return None
     x = _chain_arg(*n.args) if n.target is aten.add.Tensor else _chain_arg(n.args[0])
     other = n.args[1] if n.args[0] is x else n.args[0]
-    if x is None or not isinstance(other, Node) or val(other) is None or not val(n).is_floating_point():
+    if x is None or not isinstance(other, Node) or val(other) is None:
+        return None
+    if not val(other).is_floating_point() and val(other).dtype != torch.bool:
         return None
     return x, Term("bias", node=other, negate=n.target is aten.sub.Tensor)
 

@@ -240,15 +240,16 @@ def _pool_without_indices(n: Node, al: _Aliasing) -> Node | None:
 
 
 _ARITH = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _unsplit_view(n: Node, al: _Aliasing) -> Node | None:
     # view(view(s, S) + b, shape(s)) -> view(s + reshape(expand(b, S), shape(s)), S), the outer pair then
     # folds away: a term added while s is viewed in another shape (Segment Anything's decomposed relative
     # positions on [B, qh, qw, kh, kw] scores) meets the same element of s either way
-    if not any(isinstance(a, Node) and a.target in _VIEWS[:3] for a in n.args[:2]) or n.kwargs.get("alpha", 1) != 1:
+    if not any(isinstance(a, Node) and a.target in _RESHAPES for a in n.args[:2]) or n.kwargs.get("alpha", 1) != 1:
         return None
-    pos = next(i for i, a in enumerate(n.args[:2]) if isinstance(a, Node) and a.target in _VIEWS[:3])
+    pos = next(i for i, a in enumerate(n.args[:2]) if isinstance(a, Node) and a.target in _RESHAPES)
     view, other = n.args[pos], n.args[1 - pos]
     x = view.args[0]
     vx, vv, vn = _val(x), _val(view), _val(n)
@@ -273,8 +274,8 @@ def _views_back(n: Node, shape: tuple) -> bool:
     """Whether `n`'s single-user chain of arithmetic ends in a view to `shape`."""
     while len(n.users) == 1:
         n = next(iter(n.users))
-        if n.target in _VIEWS[:3]:
-            return tuple(_val(n).shape) == shape if _val(n) is not None else False
+        if n.target in _RESHAPES:
+            return _val(n) is not None and tuple(_val(n).shape) == shape
         if n.target not in _ARITH:
             return False
     return False
