@@ -11,7 +11,8 @@ would give other numbers, so they must be left alone. `judge` optimizes one case
     untouched - a near miss left alone: count 0 and bitwise the original output
     touched   - a near miss that was rewritten or whose output changed
 
-Larger runs: `python -m tests.spellings --n 2000 --seed 0` prints the counts and every miss's reason.
+Larger runs: `python -m tests.spellings --n 2000 --seed 0` (`make spellings`) prints the counts and every
+miss's reason; it exits 1 on a wrong result, a touched near miss or under 95 % of the valid cases fused.
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ def run(seed: int, n: int, verbose: bool = False) -> Tally:
     return tally
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description="Generated attention spellings: fused / missed / wrong counts")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -408,7 +409,9 @@ def main() -> None:
         print(f"{count:5d}  {why}")
     print(tally.summary())
     print(f"{len(tally.outcomes)} cases in {time.perf_counter() - t0:.0f} s (seed {args.seed})")
+    c = tally.counts
+    return 1 if c["wrong"] or c["touched"] or tally.fused_share < 0.95 else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
