@@ -17,7 +17,7 @@ from torch import nn
 import fxfuse
 
 # The CI sample: every near miss once (layouts rotating) and valid spellings drawn with a fixed seed.
-SEED, VALID = 0, 36
+SEED, VALID = 0, 48
 
 
 def test_generated_spellings_are_fused_and_near_misses_left_alone() -> None:
