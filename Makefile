@@ -27,5 +27,10 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m fxfuse bench --json benchmarks/results/cpu-latest.json --plot benchmarks/results/cpu-speedups.png
 
+# Generated attention spellings, a larger run than CI's fixed-seed sample: fused / missed / wrong counts
+.PHONY: spellings
+spellings: $(VENV)/.installed
+	$(PY) -m tests.spellings --n 2000
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -78,18 +78,22 @@ class OptimizedModule(nn.Module):
         if self._passthrough:
             return self.original(*args, **kwargs)
         cfg = torch._dynamo.config
-        saved = (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit)
+        saved = (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit, cfg.capture_scalar_outputs)
         # Anything dynamo cannot trace runs eagerly (graph break or whole-frame fallback), never fails.
         # Dynamo caches per code object: every optimized instance of one class, every shape and grad
         # mode adds an entry, so its default limit of 8 would silently stop optimizing the ninth.
         # (Plain attribute sets: config.patch costs twice as much on every call.)
         cfg.suppress_errors, cfg.recompile_limit = True, max(saved[1], RECOMPILE_LIMIT)
         cfg.accumulated_recompile_limit = max(saved[2], 4 * RECOMPILE_LIMIT)
+        # `.item()` traced, not a graph break: a break inside a loop (a packed-sequence mask built by slicing
+        # at cu_seqlens values) makes dynamo skip the whole frame, attention included, unreported
+        cfg.capture_scalar_outputs = True
         try:
             with _quiet_fallbacks(self.fxfuse_report):
                 out = self._compiled(*args, **kwargs)
         finally:
-            cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit = saved
+            (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit,
+             cfg.capture_scalar_outputs) = saved  # fmt: skip
         rep = self.fxfuse_report
         if rep.graphs and not rep.rewrites and not rep.notes:
             # Nothing in this model looks like a pattern: later calls skip dynamo's guard checks.

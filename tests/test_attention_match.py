@@ -161,6 +161,26 @@ POSITIVE = {
         lambda m, q, k, v, seg: _sdpa_like(
             _qk(q, k).masked_fill(~((seg[:, :, None] == seg[:, None, :]) & _causal_bool())[:, None], NEG_INF), v),
         ("seg",), ["causal", "varlen"]),
+    "relu2_zeroed_above_diagonal_after": (  # zeroing after a pointwise score function = masking before it
+        lambda m, q, k, v: (torch.relu(_qk(q, k) * 0.1) ** 2).masked_fill(~_causal_bool(), 0) @ v, (),
+        ["causal", "relu2"]),
+    "relu2_zeroed_by_where_padding": (
+        lambda m, q, k, v, keep: torch.where(keep[:, None, None], torch.relu(_qk(q, k)) ** 2, 0.0) @ v, ("keys",),
+        ["mask bool", "relu2"]),
+    "einsum_with_ellipsis": (
+        lambda m, q, k, v: torch.einsum("...ij,...jd->...id", torch.einsum("... i d, ... j d -> ... i j", q, k)
+                                        .softmax(-1), v), (), ["plain"]),
+    "boolean_added_as_bias": (lambda m, q, k, v, keep: _sdpa_like(_qk(q, k) + keep[:, None, None], v), ("keys",),
+                              ["mask additive"]),
+    "temperature_on_merged_heads": (
+        lambda m, q, k, v: torch.bmm(
+            (torch.bmm(*(t.reshape(B * HEADS, N, D) for t in (q, k.transpose(-2, -1)))).view(B, HEADS, N, N)
+             * m.temperature).view(B * HEADS, N, N).softmax(-1), v.reshape(B * HEADS, N, D)),
+        (), ["per-head temperature", "3-D"]),
+    "bias_added_in_a_5d_view_of_the_scores": (
+        lambda m, q, k, v: _sdpa_like(
+            (_qk(q, k).view(B, HEADS, N, 2, 4) + m.bias[:, :, :2, None]).view(B, HEADS, N, N), v),
+        (), ["mask additive"]),
 }  # fmt: skip
 
 EXAMPLES = {
@@ -328,6 +348,26 @@ NEGATIVE = {
     "two_score_products": (
         lambda m, q, k, v: _sdpa_like(_qk(q, k) + _qk(q, v), v), (), "ambiguous"),
     "relu_without_square": (lambda m, q, k, v: torch.relu(_qk(q, k)) @ v, (), None),
+    "softmax_then_zeroed": (  # the kept probabilities are not renormalized: not masking before the softmax
+        lambda m, q, k, v, keep: torch.softmax(_qk(q, k), -1).masked_fill(~keep[:, None, None], 0) @ v, ("keys",),
+        "before the value product"),
+    "relu2_then_filled_nonzero": (
+        lambda m, q, k, v: (torch.relu(_qk(q, k)) ** 2).masked_fill(~_causal_bool(), 0.5) @ v, (),
+        "before the value product"),
+    "ellipsis_einsum_contracts_queries": (
+        lambda m, q, k, v: torch.einsum("...ij,...id->...jd", torch.softmax(_qk(q, k), -1), v), (),
+        "not the key axis"),
+    "boolean_added_to_probabilities": (
+        lambda m, q, k, v, keep: (torch.softmax(_qk(q, k), -1) + keep[:, None, None]) @ v, ("keys",),
+        "before the value product"),
+    "temperature_varies_along_keys_in_a_view": (
+        lambda m, q, k, v: torch.bmm(
+            (torch.bmm(*(t.reshape(B * HEADS, N, D) for t in (q, k.transpose(-2, -1)))).view(B, HEADS, N, N)
+             * m.bias[:, :1, :]).view(B * HEADS, N, N).softmax(-1), v.reshape(B * HEADS, N, D)),
+        (), "varies along the key axis"),
+    "softmax_over_part_of_the_keys_in_a_5d_view": (
+        lambda m, q, k, v: _qk(q, k).view(B, HEADS, N, 2, 4).softmax(-1).view(B, HEADS, N, N) @ v, (),
+        "before the value product"),
 }  # fmt: skip
 
 
@@ -343,6 +383,17 @@ def test_near_miss_is_left_alone(name: str) -> None:
         assert any(reason in r.reason for r in rep.rejected("attention")), str(rep)
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_constant_mask_written_in_place_is_not_taken_for_causal() -> None:
+    # tril(ones) looks causal where it is made, but a later in-place write changes it: not a constant
+    def fn(m, q, k, v):
+        keep = torch.ones(N, N, dtype=torch.bool).tril()
+        keep[0, 1:3] = True
+        return _sdpa_like(_qk(q, k).masked_fill(~keep, NEG_INF), v)
+
+    rep = _optimize_and_compare(Spelling(fn), lambda: (torch.randn(B, N, DIM),), 1, ["mask bool"])
+    assert all("causal" not in r.variant for r in rep.rewrites), str(rep)
 
 
 def test_classifier_softmax_is_not_reported() -> None:

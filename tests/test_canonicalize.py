@@ -195,3 +195,37 @@ def test_near_miss_is_kept(name: str) -> None:
 def test_returned_clone_is_kept() -> None:
     gm = canonicalize(aten_graph(lambda x: (x.clone(), x * 2), (_nasty(3, 3),))).graph_module
     assert aten.clone.default in _targets(gm)
+
+
+def _five_d_sandwich(x, a, b):
+    # Segment Anything's decomposed relative positions: terms added while [B, N, M] is viewed [B, qh, qw, kh, kw]
+    s = x @ x.transpose(1, 2)
+    return (s.view(2, 2, 3, 2, 3) + a[:, :, :, :, None] + b[:, :, :, None, :]).view(2, 6, 6).softmax(-1)
+
+
+def test_terms_added_in_a_split_view_move_onto_the_unsplit_tensor() -> None:
+    inputs = (_nasty(2, 6, 4), _nasty(2, 2, 3, 2), _nasty(2, 2, 3, 3))
+    gm = canonicalize(aten_graph(_five_d_sandwich, inputs)).graph_module
+    torch.testing.assert_close(gm(*inputs), _five_d_sandwich(*inputs), rtol=0, atol=0, equal_nan=True)
+    adds = [n for n in gm.graph.nodes if n.target is aten.add.Tensor]
+    assert [tuple(n.meta["val"].shape) for n in adds] == [(2, 6, 6)] * 2  # added to the [B, N, M] scores
+    softmax = next(n for n in gm.graph.nodes if n.target is aten.softmax.int)
+    assert softmax.args[0] is adds[-1]
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        # no view back to the original shape: nothing to fold, the 5-D sum stays
+        lambda x, a: (x.view(2, 2, 3, 2, 3) + a).sum(-1),
+        # a 0-d float64 term promotes like a number; reshaped it would turn the result into float64
+        lambda x, a: (x.view(2, 2, 3, 2, 3) + a.sum().double()).view(2, 6, 6),
+    ],
+    ids=["no_view_back", "zero_dim_term"],
+)
+def test_split_view_near_miss_is_kept(fn) -> None:
+    inputs = (_nasty(2, 6, 6), _nasty(2, 2, 3, 2, 1))
+    gm = canonicalize(aten_graph(fn, inputs)).graph_module
+    adds = [n for n in gm.graph.nodes if n.target is aten.add.Tensor]
+    assert [n.meta["val"].dim() for n in adds] == [5]
+    torch.testing.assert_close(gm(*inputs), fn(*inputs), rtol=0, atol=0, equal_nan=True)

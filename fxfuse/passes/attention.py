@@ -18,7 +18,16 @@ from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_emit import build_site
 from fxfuse.passes.attention_layout import Operand, Product, _peel_permute, _peel_transpose, read_product, val
-from fxfuse.passes.attention_scores import _MASK_FLOOR, BATCH_VIEWS, CHAIN_OPS, normalize, read_chain, same_rows
+from fxfuse.passes.attention_scores import (
+    _MASK_FLOOR,
+    BATCH_VIEWS,
+    CHAIN_OPS,
+    Term,
+    normalize,
+    read_chain,
+    same_rows,
+    zeroing,
+)
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -91,12 +100,19 @@ def _anchor_relu2(n: Node) -> Anchor | None:
 ANCHORS = (_anchor_softmax, _anchor_exp_normalized, _anchor_relu2)
 
 
-def _value_product(anchor: Anchor) -> tuple[Product, float] | str | None:
-    """(p @ v product, dropout_p) after the normalization, a reason, or None when nothing attention-like
-    follows (a classifier's softmax). Casts and dropout may sit in between."""
-    p, dropout = anchor.probs, 0.0
+def _value_product(anchor: Anchor) -> tuple[Product, float, list[Term]] | str | None:
+    """(p @ v product, dropout_p, zeroings) after the normalization, a reason, or None when nothing
+    attention-like follows (a classifier's softmax). Casts and dropout may sit in between, and after a
+    pointwise score function (relu²) masks that zero probabilities (causal relu² attention)."""
+    p, dropout, zeros = anchor.probs, 0.0, []
     while len(p.users) == 1:
         nxt = next(iter(p.users))
+        zero = zeroing(nxt, p) if anchor.score_fn == "relu2" and not dropout else None
+        if zero is not None:
+            zero.batch = tuple(int(d) for d in val(nxt).shape[:-2])
+            zeros.append(zero)
+            p = nxt
+            continue
         if nxt.target not in _PROB_PASSTHROUGH and not (nxt.target in BATCH_VIEWS and same_rows(nxt, p)):
             break
         if nxt.target is aten.dropout.default:
@@ -109,7 +125,7 @@ def _value_product(anchor: Anchor) -> tuple[Product, float] | str | None:
         other = next(u for u in users if u is not products[0].node and u not in products[0].node.args)
         return f"the attention probabilities are also used by {other.name} (returned, stored or reduced)"
     if products:
-        return products[0], dropout
+        return products[0], dropout, zeros
     near = [w for u in users for w in u.users if read_product(w) is not None]
     if near:
         why = "a mask, weight or transpose after the softmax"
@@ -146,10 +162,11 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
     reject = lambda why: Rejection("attention", anchor.score_fn, anchor.node, why)
     if isinstance(found, str):
         return reject(found)
-    pv, dropout_p = found
+    pv, dropout_p, zeros = found
     if anchor.problem:
         return reject(anchor.problem)
     where, terms = read_chain(anchor.scores)
+    terms += zeros
     why = _shift_problem(anchor, terms)
     if why:
         return reject(why)

@@ -65,6 +65,8 @@ def _gen(kinds: dict[int, object]) -> Callable:
             if first_row is not None:
                 masked[first_row] = True
             return (masked if kind == "masked" else ~masked).to(meta.device)
+        if meta.dtype == torch.bool:  # a boolean bias (0 or 1)
+            return (torch.rand(size, generator=g) < 0.5).to(meta.device)
         x = torch.randn(size, generator=g, dtype=torch.float64) * (100.0 if case == "large" else 1.0)
         x[torch.rand(size, generator=g) < 0.1] = torch.finfo(meta.dtype).min
         if first_row is not None:
@@ -88,8 +90,6 @@ def build_site(
     regrouped = [t.batch for t in scores.temperatures] + [b[2] for b in scores.biases] + [m.batch for m in scores.masks]
     if any(g != product for g in regrouped) and not roles.scores_labels.endswith("nm"):
         return "views regroup the scores of a product whose last axes are not [N, M]"
-    if any(t.batch != product for t in scores.temperatures):
-        return "a tensor scale is applied where views regrouped the scores"
     head = "h" if "h" in batch else ""
     q = peel(roles.q, head, allow_repeat=False)
     k, v = peel(roles.k, head), peel(roles.v, head)
@@ -118,13 +118,16 @@ def build_site(
     plan_q = (slot(q.node), layout_steps(q, batch + "nd", sizes, lead))
     plan_k = (slot(k.node), layout_steps(k, batch + "md", sizes, lead, keep))
     plan_v = (slot(v.node), layout_steps(v, batch + "me", sizes, lead, keep))
-    temps = [
-        (slot(t.node), _broadcast_steps(val(t.node).dim(), roles.scores_labels, canon), t.negate)
-        for t in scores.temperatures
-    ]
+    temps = []
+    for t in scores.temperatures:
+        steps = _regroup(shape(t.node), t.batch, product)
+        rank = len(product) + 2 if steps else val(t.node).dim()
+        temps.append((slot(t.node), steps + _broadcast_steps(rank, roles.scores_labels, canon), t.negate))
     biases = []
     for b, mult, local in scores.biases:
-        steps = _regroup(shape(b), local, product)
+        # a boolean bias is promoted by the addition: 0 and 1, exact in any float dtype
+        steps = [] if val(b).is_floating_point() else [(aten.to.dtype, (val(q.node).dtype,))]
+        steps += _regroup(shape(b), local, product)
         rank = len(product) + 2 if steps else val(b).dim()
         biases.append((slot(b, "bias"), steps + _broadcast_steps(rank, roles.scores_labels, canon), mult))
     masks = [_mask_plan(m, slot, roles.scores_labels, canon, product) for m in scores.masks]

@@ -66,14 +66,33 @@ def read_product(node: Node) -> Product | None:
         return Product(node, a, b, "Axy", "Ayz", "Axz", bias if beta == 1 else None, float(alpha))
     if node.target is aten.einsum.default and len(node.args[1]) == 2:
         eq = node.args[0].replace(" ", "")
-        if "..." in eq or "->" not in eq:
+        if "->" not in eq or val(node.args[1][0]) is None or val(node.args[1][1]) is None:
             return None
         lhs, out = eq.split("->")
-        la, lb = lhs.split(",")
+        expanded = _expand_ellipsis([*lhs.split(","), out], [val(t).dim() for t in node.args[1]])
+        if expanded is None:
+            return None
+        la, lb, out = expanded
         if any(len(set(s)) != len(s) for s in (la, lb, out)):
             return None  # a repeated label is a diagonal, not a product
         return Product(node, node.args[1][0], node.args[1][1], la, lb, out)
     return None
+
+
+def _expand_ellipsis(sides: list[str], ranks: list[int]) -> list[str] | None:
+    """Operand and output subscripts with `...` spelled out: the ellipsis axes get fresh letters,
+    right-aligned as einsum broadcasts them ('... i d, ... j d -> ... i j' on 3-D operands reads as
+    'Aid,Ajd->Aij'); the output's ellipsis is the widest operand's."""
+    if not any("..." in s for s in sides):
+        return sides
+    used = set("".join(sides))
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used)
+    widths = [r - len(s.replace("...", "")) if "..." in s else 0 for s, r in zip(sides, ranks)]
+    if min(widths) < 0 or len(sides) != 3:
+        return None
+    pool = fresh[: max(widths)]
+    widths.append(len(pool))
+    return [s.replace("...", pool[len(pool) - w :] if w else "") for s, w in zip(sides, widths)]
 
 
 @dataclass

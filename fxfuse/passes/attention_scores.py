@@ -30,8 +30,9 @@ _CONST_LIMIT = 1 << 24  # elements: constants larger than this are not evaluated
 
 @dataclass
 class Term:
-    kind: str  # "scale" | "temperature" | "bias" | "mask" | "cast" | "view" | "shift" (the last three
-    # change nothing: a cast or view of the scores, a row-max subtraction that softmax makes redundant)
+    kind: str  # "scale" | "temperature" | "bias" | "mask" | "zero" | "cast" | "view" | "shift" (the last
+    # three change nothing: a cast or view of the scores, a row-max subtraction that softmax makes redundant;
+    # "zero" is a mask applied after a pointwise score function that maps a masked score to 0)
     node: Node | None = None
     value: float = 1.0  # scale factor, or a mask's fill value
     keep: bool = True  # mask polarity: True where the node is True on attended positions
@@ -56,13 +57,27 @@ def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None
         seeded = torch.Tag.nondeterministic_seeded in node.target.tags
         small = v is not None and v.numel() <= _CONST_LIMIT
         writes = node.target._schema.is_mutable and node.target is not aten.detach_.default  # detach_ keeps values
-        if small and not seeded and not writes:
+        if small and not seeded and not writes and not _written_in_place(node):
             if all(constant_value(n, cache) is not None for n in node.all_input_nodes):
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), cache.__getitem__)
                 with torch.no_grad():
                     out = node.target(*args, **kwargs)
     cache[node] = out
     return out
+
+
+def _written_in_place(node: Node, depth: int = 0) -> bool:
+    """Whether an op writes into `node` or a view of it (a mask built by `mask[a:b, a:b] = True`): its
+    value is then not what the op that made it computed."""
+    for u in node.users:
+        if u.op != "call_function" or not isinstance(u.target, torch._ops.OpOverload) or depth > 8:
+            continue
+        for arg, spec in zip(u.args, u.target._schema.arguments):
+            if arg is not node or spec.alias_info is None or u.target is aten.detach_.default:
+                continue
+            if spec.alias_info.is_write or _written_in_place(u, depth + 1):
+                return True
+    return False
 
 
 def _reaches_product(node: object, budget: int = 64) -> bool:
@@ -140,12 +155,14 @@ def _rule_shift(n: Node) -> tuple[Node, Term] | None:
 
 
 def _rule_bias(n: Node) -> tuple[Node, Term] | None:
-    # s + b, b + s, s - b with a float tensor b -> additive bias
+    # s + b, b + s, s - b with a tensor b -> additive bias (a boolean b is a bias of 0/1, never a mask)
     if n.target not in (aten.add.Tensor, aten.sub.Tensor) or n.kwargs.get("alpha", 1) != 1:
         return None
     x = _chain_arg(*n.args) if n.target is aten.add.Tensor else _chain_arg(n.args[0])
     other = n.args[1] if n.args[0] is x else n.args[0]
-    if x is None or not isinstance(other, Node) or val(other) is None or not val(other).is_floating_point():
+    if x is None or not isinstance(other, Node) or val(other) is None:
+        return None
+    if not val(other).is_floating_point() and val(other).dtype != torch.bool:
         return None
     return x, Term("bias", node=other, negate=n.target is aten.sub.Tensor)
 
@@ -167,6 +184,19 @@ def _rule_where(n: Node) -> tuple[Node, Term] | None:
     other = b if x is a else a
     v = _fill(other)
     return None if x is None or v is None else (x, Term("mask", node=cond, value=v, keep=x is a, const=_node(other)))
+
+
+def zeroing(n: Node, p: Node) -> Term | None:
+    """`n` zeroing some of the probabilities `p` (p.masked_fill(m, 0), where(keep, p, 0)) as a "zero" term.
+    After a pointwise score function that is 0 at masked scores (relu², not softmax) this is the same as
+    masking the scores before it: every zeroed entry is 0 either way, NaN and inf scores included."""
+    if n.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) and n.args[0] is p and _fill(n.args[2]) == 0:
+        return Term("zero", node=n.args[1], keep=False, const=_node(n.args[2]))
+    if n.target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and p in n.args[1:]:
+        other = n.args[2] if n.args[1] is p else n.args[1]
+        if _fill(other) == 0 and n.args[1] is not n.args[2]:
+            return Term("zero", node=n.args[0], keep=n.args[1] is p, const=_node(other))
+    return None
 
 
 def _rule_cast(n: Node) -> tuple[Node, Term] | None:
@@ -373,8 +403,13 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
             out.biases.append((t.node, -1.0 if t.negate else 1.0, t.batch))
             if const is not None:
                 out.constants[t.node] = const
-        elif t.kind == "mask":
-            err = _merge_fill(out, t.value)
+        elif t.kind in ("mask", "zero"):
+            # a zeroing is a mask with any fill that the score function maps to 0: the others' if they have
+            # one (relu² of any non-positive fill is 0), else -inf
+            fill = t.value if t.kind == "mask" else out.masked_value if out.masked_value is not None else -math.inf
+            if t.kind == "zero" and fill > 0:
+                return f"zeroing after the score function, but the other masks fill {fill:g}"
+            err = _merge_fill(out, fill)
             if err:
                 return err
             _add_mask(out, Mask(t.node, t.keep, batch=t.batch), specialize, bh)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
 from torch.fx.passes.infra.pass_base import PassResult
 
 aten = torch.ops.aten
@@ -26,8 +27,11 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, at
 
 
 def _val(x: object) -> torch.Tensor | None:
+    """The node's FakeTensor, or None (also when a size is data-dependent: no rule can compare it)."""
     v = x.meta.get("val") if isinstance(x, Node) else None
-    return v if isinstance(v, torch.Tensor) else None
+    if not isinstance(v, torch.Tensor) or has_free_unbacked_symbols((*v.shape, *v.stride())):
+        return None
+    return v
 
 
 def _arg(node: Node, name: str, default: object = None) -> object:
@@ -235,6 +239,48 @@ def _pool_without_indices(n: Node, al: _Aliasing) -> Node | None:
     return None
 
 
+_ARITH = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _unsplit_view(n: Node, al: _Aliasing) -> Node | None:
+    # view(view(s, S) + b, shape(s)) -> view(s + reshape(expand(b, S), shape(s)), S), the outer pair then
+    # folds away: a term added while s is viewed in another shape (Segment Anything's decomposed relative
+    # positions on [B, qh, qw, kh, kw] scores) meets the same element of s either way
+    if not any(isinstance(a, Node) and a.target in _RESHAPES for a in n.args[:2]) or n.kwargs.get("alpha", 1) != 1:
+        return None
+    pos = next(i for i, a in enumerate(n.args[:2]) if isinstance(a, Node) and a.target in _RESHAPES)
+    view, other = n.args[pos], n.args[1 - pos]
+    x = view.args[0]
+    vx, vv, vn = _val(x), _val(view), _val(n)
+    if len(view.users) != 1 or vx is None or vv is None or vn is None or vn.shape != vv.shape:
+        return None
+    if vx.dim() < 2 or vv.dim() < 2 or vx.shape[-2:] == vv.shape[-2:]:
+        return None  # a view that only regroups leading dims: the matchers read terms there, broadcast
+    if isinstance(other, Node) and (_val(other) is None or _val(other).dim() == 0):
+        return None  # a 0-d tensor promotes like a number: reshaping it would change the result's dtype
+    if not _views_back(n, tuple(vx.shape)):
+        return None
+    if isinstance(other, Node):
+        grown = _insert_valued(n, aten.expand.default, (other, list(vv.shape)))
+        other = _insert_valued(n, aten.reshape.default, (grown, list(vx.shape)))
+    args = list(n.args)
+    args[pos], args[1 - pos] = x, other
+    inner = _insert_valued(n, n.target, tuple(args))
+    return _insert_valued(n, aten.view.default, (inner, list(vv.shape)))
+
+
+def _views_back(n: Node, shape: tuple) -> bool:
+    """Whether `n`'s single-user chain of arithmetic ends in a view to `shape`."""
+    while len(n.users) == 1:
+        n = next(iter(n.users))
+        if n.target in _RESHAPES:
+            return _val(n) is not None and tuple(_val(n).shape) == shape
+        if n.target not in _ARITH:
+            return False
+    return False
+
+
 _CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device)
 
 RULES = (
@@ -252,6 +298,7 @@ RULES = (
     ((aten.squeeze.dim, aten.squeeze.dims), _squeeze_unsqueeze),
     ((aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor), _multiply_by_one),
     ((aten.max_pool2d_with_indices.default,), _pool_without_indices),
+    (_ARITH, _unsplit_view),
 )
 
 
@@ -264,6 +311,14 @@ def _insert(before: Node, target, args: tuple, kwargs: dict | None = None) -> No
     with graph.inserting_before(before):
         new = graph.call_function(target, tuple(args), dict(kwargs or {}))
     new.meta = dict(before.meta)
+    return new
+
+
+def _insert_valued(before: Node, target, args: tuple) -> Node:
+    """`_insert`, its FakeTensor value computed from the inputs' (the shape may differ from `before`'s)."""
+    new = _insert(before, target, args)
+    fake = [_val(a) if isinstance(a, Node) else a for a in args]
+    new.meta["val"] = target(*fake)
     return new
 
 

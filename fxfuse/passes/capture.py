@@ -18,6 +18,7 @@ import torch._guards
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 
 def to_fake(values: Sequence[object], mode: FakeTensorMode) -> list[object]:
@@ -37,7 +38,9 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
             with torch.fx.traceback.preserve_node_meta():
                 return torch.fx.Interpreter(gm).run(*args)
 
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # A shape env only for data-dependent values: `.item()` captured by dynamo (packed sequences sliced by
+    # cu_seqlens) becomes an unbacked symbol; the inputs' shapes stay static.
+    mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv())
     # Leave dynamo's tracing context (and its symbolic shape env) behind: we want concrete shapes.
     with torch._guards.tracing(None):
         fake_inputs = to_fake(example_inputs, mode)
