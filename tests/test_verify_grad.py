@@ -16,8 +16,8 @@ from examples.spp_models import SPPF, ConvBnAct
 def _double_dq(monkeypatch):
     real = cpu_attention.attention_cpu_backward
 
-    def wrong(*args):
-        dq, dk, dv, dbias = real(*args)
+    def wrong(*args, **kwargs):
+        dq, dk, dv, dbias = real(*args, **kwargs)
         return 2 * dq, dk, dv, dbias
 
     monkeypatch.setattr(cpu_attention, "attention_cpu_backward", wrong)

@@ -76,10 +76,29 @@ class DropoutAttention(nn.Module):
         return (p @ v).transpose(1, 2).reshape(b, n, dim)
 
 
+def test_compile_rest_with_training_dropout_runs_the_fused_op():
+    # The fused op's dropout backward traces under AOT autograd: the compiled graph calls the fused op,
+    # forward and backward, where the report counts it as applied.
+    torch.manual_seed(0)
+    model, x = DropoutAttention().train(), torch.randn(2, 8, 16)
+    opt = fxfuse.optimize(model, (x,), compile_rest=True)
+    assert fxfuse.report(opt).count("attention") == 1, str(fxfuse.report(opt))
+    with counting_calls() as calls:
+        opt(x).sum().backward()
+    assert calls[("attention", "reference")] == 1 and calls[("attention_backward", "reference")] == 1
+    assert model.qkv.weight.grad is not None
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_compile_rest_failure_keeps_the_rewrite_running():
-    # Inductor cannot trace the backward of dropout inside the fused op; left to dynamo, the error made
-    # the whole frame run eagerly as written while the report said "1 rewrite(s) applied".
+def test_compile_rest_failure_keeps_the_rewrite_running(monkeypatch):
+    # Left to dynamo, an Inductor error made the whole frame run eagerly as written while the report said
+    # "1 rewrite(s) applied": the rewritten graph must keep running, uncompiled, with a note.
+    import torch._inductor.compile_fx as compile_fx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor broke")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
     torch.manual_seed(0)
     model, x = DropoutAttention().train(), torch.randn(2, 8, 16)
     opt = fxfuse.optimize(model, (x,), compile_rest=True)
