@@ -15,7 +15,9 @@ from examples.attention_models import HandMHA
 from examples.spp_models import SPPF
 from fxfuse.backends import counting_calls
 from fxfuse.fusion.attention import attention
+from fxfuse.fusion.linear_attention import linear_attention
 from fxfuse.fusion.spp import spp
+from fxfuse.fusion.ssm_scan import selective_scan
 
 BACKENDS = ["cpu", "reference", "triton"]  # triton runs in the interpreter on CPU tensors (conftest)
 
@@ -47,6 +49,57 @@ def test_spp_runs_the_chosen_backend(backend, device):
     assert dict(calls) == {("spp", backend): 1}
     want = torch.cat([x, *(F.max_pool2d(x, k, 1, k // 2) for k in (3, 5))], dim=1)
     assert torch.equal(out, want)
+
+
+def _float64_causal_linear_attention(q, k, v, eps):
+    w = (q @ k.transpose(-1, -2)).tril()
+    return (w / (w.sum(-1, keepdim=True) + eps)) @ v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_attention_runs_the_chosen_backend_forward_and_backward(backend, device):
+    # 20 rows: not a multiple of the Triton kernel's 16-row chunk; q, k >= 0 as after a feature map
+    q, k = (torch.rand(1, 2, 20, 8, device=device, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 20, 8, device=device, requires_grad=True)
+    cotangent = torch.randn(1, 2, 20, 8, device=device)
+    with counting_calls() as calls:
+        out = linear_attention(q, k, v, causal=True, normalize="eps", eps=1e-6, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), cotangent)
+    assert dict(calls) == {("linear_attention", backend): 1, ("linear_attention_backward", backend): 1}
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = _float64_causal_linear_attention(*wide, 1e-6)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for got, exact in zip(grads, torch.autograd.grad(want, wide, cotangent.double())):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def _float64_selective_scan(dt, A, x, B, C):
+    h, ys = dt.new_zeros(dt.shape[0], dt.shape[1], A.shape[1]), []
+    for t in range(dt.shape[2]):
+        h = torch.exp(dt[:, :, t, None] * A) * h + x[:, :, t, None] * B[:, None, t, :]
+        ys.append((h * C[:, None, t, :]).sum(-1))
+    return torch.stack(ys, dim=2), h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_scan_runs_the_chosen_backend_forward_and_backward(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    dt = F.softplus(torch.randn(2, 3, 12, generator=gen)).to(device).requires_grad_()
+    A = (-torch.rand(3, 4, generator=gen) - 0.1).to(device).requires_grad_()
+    x, B, C = (torch.randn(*shape, generator=gen).to(device).requires_grad_()
+               for shape in ((2, 3, 12), (2, 12, 4), (2, 12, 4)))  # fmt: skip
+    inputs = (dt, A, x, B, C)
+    gy = torch.randn(2, 3, 12, device=device)
+    with counting_calls() as calls:
+        y, h = selective_scan(*inputs, backend=backend)
+        grads = torch.autograd.grad(y, inputs, gy)
+    assert dict(calls) == {("selective_scan", backend): 1, ("selective_scan_backward", backend): 1}
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    want_y, want_h = _float64_selective_scan(*wide)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), want_h, rtol=1e-5, atol=1e-5)
+    for got, exact in zip(grads, torch.autograd.grad(want_y, wide, gy.double())):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fxfuse.backends import check_backend, resolve
+from fxfuse.backends import check_backend, count_call, resolve
 from fxfuse.fusion.linear_attention.reference import (
     NORMALIZERS,
     Product,
@@ -73,9 +73,13 @@ def linear_attention_backend(backend: str, device: torch.device | str, dtype: to
     return "cpu", "chunked ATen matmuls"
 
 
-def _product(backend: str, q: Tensor, v: Tensor) -> Product:
+def _product(op: str, backend: str, q: Tensor, v: Tensor) -> Product:
+    """The product primitive of the backend that runs `op` (counted in `fxfuse.backends.CALLS`)."""
     name = linear_attention_backend(backend, q.device, q.dtype, q.shape[3], v.shape[3])[0]
-    if q.numel() == 0 or v.numel() == 0 or name == "reference":
+    if q.numel() == 0 or v.numel() == 0:
+        name = "reference"
+    count_call(op, name)
+    if name == "reference":
         return quadratic_product
     if name == "triton":
         from fxfuse.backends.triton.linear_attention import chunked_product_triton
@@ -99,7 +103,7 @@ def linear_attention_op(
     eps: float, backend: str,
 ) -> Tensor:  # fmt: skip
     check_inputs(q, k, v, causal, decay, normalize)
-    product = _product(backend, q, v)
+    product = _product("linear_attention", backend, q, v)
     out = linear_attention_forward(product, q, k, v, scale, causal, _decay(decay), normalize, eps)
     return out.to(q.dtype).contiguous()
 
@@ -116,7 +120,7 @@ def linear_attention_backward_op(
     normalize: str, eps: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv) in the inputs' dtypes."""
-    product = _product(backend, q, v)
+    product = _product("linear_attention_backward", backend, q, v)
     grads = linear_attention_backward(product, grad_out, q, k, v, scale, causal, _decay(decay), normalize, eps)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 

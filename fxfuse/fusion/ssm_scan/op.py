@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxfuse.backends import check_backend, resolve
+from fxfuse.backends import check_backend, count_call, resolve
 from fxfuse.fusion.ssm_scan.reference import (
     selective_scan_reference,
     selective_scan_reference_backward,
@@ -58,6 +58,7 @@ def selective_scan_op(
 ) -> tuple[Tensor, Tensor]:
     check_inputs(dt, A, x, B, C, h0)
     name = scan_backend(backend, dt, A, x, B, C, h0)
+    count_call("selective_scan", name)
     if name == "cpu":
         from fxfuse.backends.cpu.ssm_scan import selective_scan_cpu
 
@@ -86,6 +87,7 @@ def selective_scan_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(d dt, dA, dx, dB, dC, dh0), each in its input's dtype (dh0 in the state dtype when h0 is None)."""
     name = scan_backend(backend, dt, A, x, B, C, h0)
+    count_call("selective_scan_backward", name)
     if name == "cpu":
         from fxfuse.backends.cpu.ssm_scan import selective_scan_cpu_backward
 
