@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch.fx import Graph, Node
 
-from fxfuse.passes.attention_layout import Step, apply_steps, layout_steps, peel, shape, val
+from fxfuse.passes.attention_layout import Step, apply_steps, layout_steps, peel_qkv, shape, val
 from fxfuse.passes.attention_scores import Mask, Scores, _unsqueezed
 from fxfuse.passes.site import Site
 
@@ -90,14 +90,9 @@ def build_site(
     regrouped = [t.batch for t in scores.temperatures] + [b[2] for b in scores.biases] + [m.batch for m in scores.masks]
     if any(g != product for g in regrouped) and not roles.scores_labels.endswith("nm"):
         return "views regroup the scores of a product whose last axes are not [N, M]"
-    head = "h" if "h" in batch else ""
-    q = peel(roles.q, head, allow_repeat=False)
-    k, v = peel(roles.k, head), peel(roles.v, head)
-    kv_heads = [shape(o.node)[o.labels.index("h")] if "h" in o.labels else 1 for o in (k, v)]
-    fold = bool(head) and kv_heads[0] == kv_heads[1] and sizes["h"] % kv_heads[0] == 0
-    if not fold:
-        k, v = peel(roles.k, head, allow_repeat=False), peel(roles.v, head, allow_repeat=False)
-    hkv = kv_heads[0] if fold else sizes.get("h", 1)
+    q, k, v, kv_heads = peel_qkv(roles.q, roles.k, roles.v, batch, sizes)
+    fold = kv_heads is not None
+    hkv = kv_heads if fold else sizes.get("h", 1)
     lead = 2 - len(batch)
     canon = batch + "nm"
 

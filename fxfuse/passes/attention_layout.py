@@ -200,6 +200,19 @@ def peel(op: Operand, head: str, allow_repeat: bool = True) -> Operand:
     return op
 
 
+def peel_qkv(q: Operand, k: Operand, v: Operand, batch: str, sizes: dict[str, int]) -> tuple[Operand, ...]:
+    """(q, k, v, kv_heads): the operands peeled up to what the fused op absorbs. Where k and v were repeated
+    over the query heads by hand (repeat_interleave, expand + reshape) from one kv head count dividing the
+    query heads, they are taken before the repeat and `kv_heads` is that count (the op folds the groups);
+    otherwise the repeats stay in the graph and `kv_heads` is None."""
+    head = "h" if "h" in batch else ""
+    q, k_kv, v_kv = peel(q, head, allow_repeat=False), peel(k, head), peel(v, head)
+    kv_heads = [shape(o.node)[o.labels.index("h")] if "h" in o.labels else 1 for o in (k_kv, v_kv)]
+    if head and kv_heads[0] == kv_heads[1] and sizes["h"] % kv_heads[0] == 0:
+        return q, k_kv, v_kv, kv_heads[0]
+    return q, peel(k, head, allow_repeat=False), peel(v, head, allow_repeat=False), None
+
+
 def layout_steps(op: Operand, target: str, sizes: dict[str, int], lead: int, keep_heads: str = "") -> list[Step]:
     """Steps that bring `op` ([labels]) to `target` order, size-1 axes for missing labels, broadcast
     axes expanded (except the kv head axis `keep_heads`), and `lead` leading unsqueezes (to rank 4)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from fxfuse.passes.attention_layout import Operand, apply_steps, layout_steps, peel, shape, val
+from fxfuse.passes.attention_layout import Operand, apply_steps, layout_steps, peel_qkv, val
 from fxfuse.passes.site import Site
 
 aten = torch.ops.aten
@@ -91,13 +91,8 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
     from fxfuse.fusion.linear_attention import linear_attention_backend
 
     batch, sizes = roles.batch, roles.sizes
-    head = "h" if "h" in batch else ""
-    q = peel(roles.q, head, allow_repeat=False)
-    k, v = peel(roles.k, head), peel(roles.v, head)
-    kv_heads = [shape(o.node)[o.labels.index("h")] if "h" in o.labels else 1 for o in (k, v)]
-    fold = bool(head) and kv_heads[0] == kv_heads[1] and sizes["h"] % kv_heads[0] == 0
-    if not fold:
-        k, v = peel(roles.k, head, allow_repeat=False), peel(roles.v, head, allow_repeat=False)
+    q, k, v, kv_heads = peel_qkv(roles.q, roles.k, roles.v, batch, sizes)
+    fold = kv_heads is not None
     if w.causal and sizes["n"] != sizes["m"]:
         return "a causal mask over queries and keys of different lengths"
     if w.decay is not None and len(w.decay) not in (1, sizes.get("h", 1)):
@@ -152,8 +147,8 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
     elif w.causal:
         parts.append("causal")
-    if fold and kv_heads[0] != sizes.get("h", 1):
-        parts.append(f"gqa {sizes['h']}:{kv_heads[0]}")
+    if fold and kv_heads != sizes.get("h", 1):
+        parts.append(f"gqa {sizes['h']}:{kv_heads}")
     name = linear_attention_backend(backend, val(q.node).device, q_dtype, features, sizes["e"])[0]
     gen = _input_gen(constants, w.normalize != "none")
     return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
