@@ -25,7 +25,30 @@ def test_lru_loop_rerolled_and_verified():
     model, inputs = make_lru_loop(24)
     opt = fxfuse.optimize(model.train(), inputs)
     site = _applied(opt)
-    assert site.variant.startswith("24 steps → 1 scan, LTI, constant decay exp(z), final state, initial state")
+    assert site.variant.startswith("24 steps → 1 scan, LTI, constant decay exp(z), input terms hoisted, final state, "
+                                   "initial state")  # fmt: skip
+    _check_against_float64(model, inputs, opt)
+
+
+class EinsumInputLRU(type(make_lru_loop(3)[0])):
+    """The input projected by an einsum, which is not run over all steps at once: the L terms are stacked."""
+
+    def forward(self, x, h0):
+        a = torch.exp(-torch.exp(self.nu_log))
+        h, ys = h0, []
+        for t in range(x.shape[1]):
+            h = h * a + torch.einsum("bi,in->bn", x[:, t], self.B)
+            ys.append(h @ self.C)
+        return torch.stack(ys, dim=0), h
+
+
+def test_per_step_inputs_stacked_and_verified():
+    model, inputs = make_lru_loop(16)
+    model = EinsumInputLRU().eval()
+    opt = fxfuse.optimize(model.train(), inputs)
+    site = _applied(opt)
+    assert site.variant.startswith("16 steps → 1 scan, LTI, constant decay exp(z), per-step inputs stacked")
+    assert site.variant.endswith("time dim 0")
     _check_against_float64(model, inputs, opt)
 
 
@@ -55,7 +78,8 @@ def test_s4d_loop_rerolled_and_verified():
     model, inputs = S4DLoop(), (torch.randn(2, 16, 4),)
     opt = fxfuse.optimize(model.train(), inputs)
     site = _applied(opt)
-    assert site.variant.startswith("16 steps → 1 scan, LTI") and site.variant.endswith("2-op readout, time dim 2")
+    assert site.variant.startswith("16 steps → 1 scan, LTI, constant decay exp(z), input terms hoisted")
+    assert site.variant.endswith("2-op readout, time dim 2")
     _check_against_float64(model, inputs, opt)
 
 

@@ -5,11 +5,12 @@ The rule, on one screen:
 - the step: h_t = a * h_{t-1} + b_t (either operand order) with `a` computed before the loop as exp(z)
   (LRU's exp(-exp(ν)), S4D's exp(Δ·A)); z broadcasts to the state's shape. A decay that is not an exp is
   left alone: the scan takes log-decays, and log of a decay of unknown sign is not exact;
-- the input term b_t: anything of step t that does not read the state (x_t @ B, an einsum, Bu[:, t]). The
-  L per-step terms the graph already computes are stacked into the scan's input, unchanged;
+- the input term b_t: anything of step t that does not read the state (x_t @ B, an einsum, Bu[:, t]). When
+  its ops are time selects of loop invariants followed by ops of the readout's kind, they run once over
+  all steps (x @ B); otherwise the L per-step terms the graph already computes are stacked, unchanged;
 - the readout y_t: a chain from h_t of ops that distribute over a leading time axis — matmul / mm / linear
-  with loop-invariant weights, elementwise ops with loop invariants or numbers, casts, sums over negative
-  dims — applied once to all L states; the outputs stacked along any dim;
+  with loop-invariant weights, elementwise ops with loop invariants or numbers, casts, sums, unsqueezes
+  — applied once to all L states; the outputs stacked along any dim;
 - the scan is elementwise over the state: the state is flattened to [1, numel, 1] channels, with Δ, B and C
   ones (exp(1·z) = exp(z), h·1 = h), so the op's kernels, gradients and ONNX lowering serve it unchanged.
 Left alone, with the reason: decays read from the state or not an exp, input terms that read the state,
@@ -106,13 +107,43 @@ def _check_batchable(node: Node, x: Node) -> None:
         other = node.args[1] if node.args[0] is x else node.args[0]
         if not isinstance(other, Node) or len(shape(other)) <= rank:
             return
-    if t is aten.sum.dim_IntList and node.args[0] is x and all(d < 0 for d in node.args[1]):
-        return
+    if t in (aten.sum.dim_IntList, aten.unsqueeze.default) and node.args[0] is x:
+        return  # dims >= 0 move by one (`_replay`)
     raise NotAScan(f"the readout op {node.name} ({t}) is not one the scan applies to all steps at once")
 
 
-def analyze_lti(loop: Loop) -> dict:
-    """The LTI scan a loop computes, or NotAScan."""
+def _hoisted(b: Node, body: list[Node], inside: set[Node], time_index) -> list[Node] | None:
+    """The ops of step 1 that compute the input term b, when they run as well over all steps at once (a
+    leading time axis): time selects of loop invariants, then ops that distribute over that axis. None
+    when they do not (the L per-step terms are stacked instead)."""
+    ops = [n for n in body if n in _ancestors(b, set(body))]
+    batched: dict[Node, int] = {}  # op -> rank of its per-step value
+    for op in ops:
+        try:
+            found = time_index(op)
+        except NotAScan:
+            return None
+        if found is not None:
+            if op.target is not aten.select.int or op.args[0] in inside:
+                return None
+            batched[op] = len(shape(op))
+            continue
+        movable = [a for a in op.all_input_nodes if a in batched]
+        if any(a in inside and a not in batched for a in op.all_input_nodes) or not movable:
+            return None
+        if len(movable) == 1:
+            try:
+                _check_batchable(op, movable[0])
+            except NotAScan:
+                return None
+        elif op.target not in _ELEMENTWISE or len({batched[a] for a in movable}) != 1 or op.kwargs:
+            return None
+        batched[op] = len(shape(op))
+    return ops
+
+
+def analyze_lti(loop: Loop, time_index) -> dict:
+    """The LTI scan a loop computes, or NotAScan; `time_index` as in `passes/ssm_labels.py`."""
     found = decay(loop)
     if found is None:
         raise NotAScan("the decay is not a loop-invariant tensor")
@@ -139,6 +170,7 @@ def analyze_lti(loop: Loop) -> dict:
         raise NotAScan(f"the step also computes {extra[0].name} ({extra[0].target}), which the scan does not")
     if loop.anchor.target is not aten.stack.default:
         raise NotAScan("the per-step outputs of an LTI loop are concatenated, not stacked")
+    hoisted = _hoisted(b, loop.bodies[1], inside, time_index) if b in body else None
     b_pos = loop.bodies[1].index(b) if b in body else None
     terms = [body_i[b_pos] if b_pos is not None else b for body_i in loop.bodies]
     init = loop.init  # zeros too: the site reads them (their size comes from a tensor outside it)
@@ -147,7 +179,8 @@ def analyze_lti(loop: Loop) -> dict:
     dim = loop.anchor.args[1] if len(loop.anchor.args) > 1 else loop.anchor.kwargs.get("dim", 0)
     dim %= len(shape(loop.outputs[1])) + 1
     zeros = init.op == "call_function" and init.target in _ZEROS
-    return {"z": z, "terms": terms, "chain": chain, "init": init, "zeros": zeros, "state": state, "dim": dim, "h": h}
+    return {"z": z, "terms": terms, "hoisted": hoisted, "b": b, "chain": chain, "init": init, "zeros": zeros,
+            "state": state, "dim": dim, "h": h}  # fmt: skip
 
 
 def _call(graph: Graph, target, *args, **kwargs) -> Node:
@@ -160,9 +193,8 @@ def _float(graph: Graph, x: Node, node: Node) -> Node:
     return _call(graph, aten._to_copy.default, x, dtype=torch.float32)
 
 
-def _replay(graph: Graph, op: Node, x: Node, env: dict) -> Node:
-    """`op` with its state operand replaced by the time-batched `x`, loop invariants read from `env`."""
-    state = next(a for a in op.all_input_nodes if a not in env)
+def _replay(graph: Graph, op: Node, state: Node, x: Node, env: dict) -> Node:
+    """`op` with its operand `state` replaced by the time-batched `x`, loop invariants read from `env`."""
 
     def swap(v):
         if isinstance(v, Node):
@@ -173,15 +205,39 @@ def _replay(graph: Graph, op: Node, x: Node, env: dict) -> Node:
 
     args = tuple(swap(v) for v in op.args)
     kwargs = {k: swap(v) for k, v in op.kwargs.items()}
+    if op.target is aten.unsqueeze.default and args[1] >= 0:
+        args = (args[0], args[1] + 1)
+    if op.target is aten.sum.dim_IntList:
+        args = (args[0], [d + 1 if d >= 0 else d for d in args[1]], *args[2:])
     target = aten.matmul.default if op.target is aten.mm.default else op.target
     return graph.call_function(target, args, kwargs)
+
+
+def _input_terms(graph: Graph, hoisted: list[Node], env: dict) -> Node:
+    """The input terms of all steps, time leading: step 1's ops once over the whole time axis."""
+    env = dict(env)
+    for op in hoisted:
+        if op.target is aten.select.int and op.args[0] in env and op not in env and op.all_input_nodes == [op.args[0]]:
+            env[op] = _call(graph, aten.movedim.int, env[op.args[0]], op.args[1], 0)
+            continue
+        movable = [a for a in op.all_input_nodes if a in hoisted]
+        if len(movable) == 1:
+            env[op] = _replay(graph, op, movable[0], env[movable[0]], env)
+        else:
+            args = tuple(env[a] if isinstance(a, Node) else a for a in op.args)
+            env[op] = graph.call_function(op.target, args)
+    return env[hoisted[-1]]
 
 
 def site_parts(loop: Loop, found: dict):
     """(inputs, emit, input_gen) of the site; the caller adds the final state when it is read."""
     z, terms, chain, init, state = found["z"], found["terms"], found["chain"], found["init"], found["state"]
+    hoisted = found["hoisted"]
     invariants = list(dict.fromkeys(a for op in chain for a in op.all_input_nodes if a not in set(chain)
                                     and a is not found["h"]))  # fmt: skip
+    if hoisted is not None:
+        ops = set(hoisted)
+        terms = list(dict.fromkeys(a for op in hoisted for a in op.all_input_nodes if a not in ops))
     inputs = list(dict.fromkeys([z, *terms, *invariants, init]))
     length, numel = loop.length, 1
     for s in state:
@@ -194,8 +250,13 @@ def site_parts(loop: Loop, found: dict):
         env = dict(zip(inputs, nodes))
         A = _call(graph, aten.expand.default, _float(graph, env[z], z), list(state))
         A = _call(graph, aten.reshape.default, A, [numel, 1])
-        xs = [_call(graph, aten.expand.default, _float(graph, env[t], t), list(state)) for t in terms]
-        x = _call(graph, aten.reshape.default, _call(graph, aten.stack.default, xs, -1), [1, numel, length])
+        if hoisted is None:
+            xs = [_call(graph, aten.expand.default, _float(graph, env[t], t), list(state)) for t in terms]
+            x = _call(graph, aten.stack.default, xs, -1)
+        else:
+            x = _float(graph, _input_terms(graph, hoisted, env), found["b"])
+            x = _call(graph, aten.movedim.int, _call(graph, aten.expand.default, x, [length, *state]), 0, -1)
+        x = _call(graph, aten.reshape.default, x, [1, numel, length])
         dtype = torch.float64 if any(n.meta["val"].dtype == torch.float64 for n in inputs) else torch.float32
         dt = _call(graph, aten.full.default, [1, numel, length], 1.0, dtype=dtype)
         ones = _call(graph, aten.full.default, [1, length, 1], 1.0, dtype=dtype)
@@ -206,8 +267,9 @@ def site_parts(loop: Loop, found: dict):
         if h_dtype != dtype:
             hs = _call(graph, aten._to_copy.default, hs, dtype=h_dtype)
         y = hs
+        operand = found["h"]
         for op in chain:
-            y = _replay(graph, op, y, env)
+            y, operand = _replay(graph, op, operand, y, env), op
         y = _call(graph, aten.movedim.int, y, 0, found["dim"])
         if not want_state:
             return y

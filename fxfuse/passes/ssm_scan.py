@@ -303,7 +303,7 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     variant = f"{loop.length} steps"
     try:
         if decay(loop) is not None:
-            return _lti_site(loop, analyze_lti(loop), backend)
+            return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
     except NotAScan as exc:
         return Rejection("ssm_scan", f"{variant}, LTI recurrence", anchor, str(exc))
     try:
@@ -369,6 +369,7 @@ def _lti_site(loop: Loop, found: dict, backend: str) -> Site:
     extra = [last] if any(u not in inside for u in last.users) else []
     variant = ", ".join(
         [f"{loop.length} steps → 1 scan", "LTI", "constant decay exp(z)"]
+        + (["per-step inputs stacked"] if found["hoisted"] is None else ["input terms hoisted"])
         + (["final state"] if extra else [])
         + ([] if found["zeros"] else ["initial state"])
         + [f"{len(found['chain'])}-op readout", f"time dim {found['dim']}"]
