@@ -52,6 +52,34 @@ def test_per_step_inputs_stacked_and_verified():
     _check_against_float64(model, inputs, opt)
 
 
+class LinearLRU(nn.Module):
+    """nn.Linear input projection and readout (aten.linear on both sides), zero initial state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nu_log = nn.Parameter(torch.randn(8) - 1.0)
+        self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = torch.exp(-torch.exp(self.nu_log))
+        h, ys = x.new_zeros(x.shape[0], 8), []
+        for t in range(x.shape[1]):
+            h = a * h + self.inp(x[:, t])
+            ys.append(self.out(h))
+        return torch.stack(ys, 1)
+
+
+def test_linear_layers_lru_rerolled_and_verified():
+    torch.manual_seed(0)
+    model, inputs = LinearLRU(), (torch.randn(2, 20, 6),)
+    opt = fxfuse.optimize(model.train(), inputs)
+    site = _applied(opt)
+    assert site.variant == (
+        "20 steps → 1 scan, LTI, constant decay exp(z), input terms hoisted, 1-op readout, time dim 1"
+    )
+    _check_against_float64(model, inputs, opt)
+
+
 class S4DLoop(nn.Module):
     """S4D-style recurrent mode: state [B, D, N], a = exp(Δ·A) per (channel, state), b_t = u_t ⊗ B,
     readout (h * C).sum(-1), zero initial state, outputs stacked on the last dim."""

@@ -107,8 +107,10 @@ def _check_batchable(node: Node, x: Node) -> None:
         other = node.args[1] if node.args[0] is x else node.args[0]
         if not isinstance(other, Node) or len(shape(other)) <= rank:
             return
-    if t in (aten.sum.dim_IntList, aten.unsqueeze.default) and node.args[0] is x:
-        return  # dims >= 0 move by one (`_replay`)
+    if t is aten.unsqueeze.default and node.args[0] is x:
+        return  # a dim >= 0 moves by one (`_replay`)
+    if t is aten.sum.dim_IntList and node.args[0] is x and isinstance(node.args[1], (list, tuple)) and node.args[1]:
+        return  # dims >= 0 move by one; a sum over every dim (dims None or []) would sum over time too
     raise NotAScan(f"the readout op {node.name} ({t}) is not one the scan applies to all steps at once")
 
 
