@@ -30,6 +30,22 @@ def test_lru_loop_rerolled_and_verified():
     _check_against_float64(model, inputs, opt)
 
 
+def test_lru_graph_has_no_step_left():
+    from fxfuse.passes.capture import capture_graphs
+    from fxfuse.passes.rewrite import rewrite_patterns
+
+    model, inputs = make_lru_loop(32)
+    ((gm, _),) = capture_graphs(model, inputs)
+    before = len(gm.graph.nodes)
+    gm, rewrites, _ = rewrite_patterns(gm, ["ssm_scan"], "auto")
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert [r.status for r in rewrites] == ["applied"]
+    assert targets.count("fxfuse.selective_scan.default") == 1
+    # the 32 input projections, state updates and readouts are gone: one matmul each side of the scan
+    assert "aten.select.int" not in targets and targets.count("aten.matmul.default") == 2
+    assert before > 150 and len(gm.graph.nodes) < 30
+
+
 class EinsumInputLRU(type(make_lru_loop(3)[0])):
     """The input projected by an einsum, which is not run over all steps at once: the L terms are stacked."""
 
