@@ -154,6 +154,16 @@ def readout_mixes_steps(x, h, a, B, C, W):
     return torch.stack(ys, 1)
 
 
+def state_read_mid_loop(x, h, a, B, C, W):
+    ys = []
+    for t in range(x.shape[1]):
+        h = a * h + x[:, t] @ B
+        ys.append(h @ C)
+        if t == 2:
+            probe = h.sum()
+    return torch.stack(ys, 1) * probe
+
+
 def decay_not_exp(x, h, a, B, C, W):
     ys, a = [], torch.sigmoid(a)  # log(a) would be exact only for a known positive a
     for t in range(x.shape[1]):
@@ -175,6 +185,7 @@ NEAR_MISSES = {
     # y_t = h_{t-1} C: the re-roll's step bodies no longer line up with the state updates
     "readout-of-previous-state": (readout_of_previous_state, "step bodies"),
     "readout-mixes-steps": (readout_mixes_steps, "reads a value of another step"),
+    "state-read-mid-loop": (state_read_mid_loop, "also used by"),
     "decay-not-exp": (decay_not_exp, "not exp(z)"),
     "input-reads-state": (input_reads_state, "reads the state"),
 }
