@@ -155,6 +155,34 @@ class SelectiveScanRef(nn.Module):
         return torch.stack(ys, dim=2) + u * self.D[:, None], last_state
 
 
+class LRULoop(nn.Module):
+    """An LRU-style linear recurrent layer in its recurrent form: a constant diagonal decay
+    a = exp(-exp(ν)) (real state), the input projected per step, a linear readout, the final state returned.
+
+    x [B, L, d_in], h0 [B, N] -> (y [B, L, d_out], last state [B, N]).
+    """
+
+    def __init__(self, d_in: int = 6, d_state: int = 8, d_out: int = 5) -> None:
+        super().__init__()
+        self.nu_log = nn.Parameter(torch.randn(d_state) * 0.5 - 1.0)
+        self.B = nn.Parameter(torch.randn(d_in, d_state) / math.sqrt(d_in))
+        self.C = nn.Parameter(torch.randn(d_state, d_out) / math.sqrt(d_state))
+
+    def forward(self, x, h0):
+        a = torch.exp(-torch.exp(self.nu_log))
+        h = h0
+        ys = []
+        for t in range(x.shape[1]):
+            h = a * h + x[:, t] @ self.B
+            ys.append(h @ self.C)
+        return torch.stack(ys, dim=1), h
+
+
+def make_lru_loop(length: int = 16) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    return LRULoop().eval(), (torch.randn(2, length, 6), torch.randn(2, 8))
+
+
 def scan_inputs(length: int, layout: str = "bdl", batch: int = 2, channels: int = 8, d_state: int = 4) -> tuple:
     """(u, delta, B, C) with u, delta in `layout` ("bdl" or "bld") and B, C [B, L, N]."""
     shape = (batch, channels, length) if layout == "bdl" else (batch, length, channels)
@@ -188,4 +216,5 @@ MODELS = {
     "slow_forward_scan": make_slow_forward_scan,
     "in_loop_scan": make_in_loop_scan,
     "selective_scan_ref": make_selective_scan_ref,
+    "lru_loop": make_lru_loop,
 }

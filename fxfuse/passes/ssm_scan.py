@@ -10,7 +10,8 @@ The rule, on one screen:
   into [B, D, L, N] before the loop or per step inside it. The fused op reads the leaves, so [B, D, L, N] is
   never materialized;
 - the initial state is zeros or an input; the final state, when something after the loop reads it, is
-  the op's second output.
+  the op's second output;
+- a decay computed before the loop (an LTI recurrence: LRU, S4D) goes to `passes/ssm_lti.py` instead.
 Left alone, with the reason in the report: nonlinear cells (tanh, sigmoid), bodies that differ across
 steps, dependence on two previous steps, several carried values, per-step inputs computed inside the loop,
 decays that are not exp of a (channel, state) × (batch, channel, time) product, and states read mid-loop.
@@ -36,6 +37,7 @@ from fxfuse.passes.ssm_labels import (
     shape,
     strip_moves,
 )
+from fxfuse.passes.ssm_lti import analyze_lti, decay, site_parts
 from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
@@ -300,6 +302,11 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
         return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
     variant = f"{loop.length} steps"
     try:
+        if decay(loop) is not None:
+            return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
+    except NotAScan as exc:
+        return Rejection("ssm_scan", f"{variant}, LTI recurrence", anchor, str(exc))
+    try:
         found = analyze(loop)
     except NotAScan as exc:
         return Rejection("ssm_scan", f"{variant}, recurrence", anchor, str(exc))
@@ -351,6 +358,25 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
         input_gen=_input_gen(inputs, parts),
         extra_outputs=extra,
     )
+
+
+def _lti_site(loop: Loop, found: dict, backend: str) -> Site:
+    """The site of an LTI recurrence (`passes/ssm_lti.py`): the same op, Δ, B and C ones."""
+    found["backend"] = backend
+    inputs, emit, input_gen = site_parts(loop, found)
+    anchor, last = loop.anchor, loop.bodies[-1][loop.carried]
+    inside = {n for body in loop.bodies for n in body}
+    extra = [last] if any(u not in inside for u in last.users) else []
+    variant = ", ".join(
+        [f"{loop.length} steps → 1 scan", "LTI", "constant decay exp(z)"]
+        + (["per-step inputs stacked"] if found["hoisted"] is None else ["input terms hoisted"])
+        + (["final state"] if extra else [])
+        + ([] if found["zeros"] else ["initial state"])
+        + [f"{len(found['chain'])}-op readout", f"time dim {found['dim']}"]
+    )
+    return Site("ssm_scan", variant, anchor, anchor, inputs, lambda graph, nodes: emit(graph, nodes, bool(extra)),
+                backend=_backend_name(backend, anchor), tolerance=SCAN_TOLERANCE, input_gen=input_gen,
+                extra_outputs=extra)  # fmt: skip
 
 
 def _backend_name(backend: str, anchor: Node) -> str:
