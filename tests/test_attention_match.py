@@ -469,3 +469,16 @@ def test_more_hugging_face_architectures(name: str) -> None:
     fused, rejected, err = hf_zoo.check(name, hf_zoo.zoo()[name])
     assert fused == MORE_HF[name] and not rejected, (fused, rejected)
     assert err < 1e-5
+
+
+class ScalarBiasAttention(nn.Module):
+    """A 0-d tensor added to every score (a learned or passed-in offset): legal broadcasting, once a crash
+    of the CPU path (SDPA takes masks of rank >= 2), now a bias like any other."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-2, -1) / 8.0 + offset, dim=-1) @ v
+
+
+def test_zero_dim_tensor_added_to_the_scores_is_a_bias() -> None:
+    make = lambda: (*torch.randn(3, 2, 4, 16, 64), torch.randn(()))
+    _optimize_and_compare(ScalarBiasAttention(), make, 1, ["mask additive"])

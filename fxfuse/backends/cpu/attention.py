@@ -69,6 +69,8 @@ def _sdpa_mask(q, bias, mask, q_seg, k_seg, causal, causal_offset, masked_value,
     if keep is not None:
         base = attn_mask if attn_mask is not None else torch.zeros((), dtype=acc, device=q.device)
         attn_mask = torch.where(keep, base, torch.tensor(masked_value, dtype=acc, device=q.device))
+    if attn_mask is not None and attn_mask.dim() < 2:  # SDPA takes masks of rank >= 2 (a 0-d bias is legal)
+        attn_mask = attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
     dead = None if attn_mask is None else (attn_mask == -math.inf).all(-1, keepdim=True)
     return attn_mask, False, dead
 
