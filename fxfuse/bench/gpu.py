@@ -227,34 +227,11 @@ def _row_key(r: dict) -> tuple:
     return (r["d"], r["n"], r["variant"], r["mode"])
 
 
-def run_spp(deadline: float, log=sys.stderr) -> list[dict]:
-    from fxfuse.bench.registry import load_repo_module
-
-    module = load_repo_module("benchmarks/spp_op.py")
+def _time_bandwidth_cases(section: str, cases: list[tuple], deadline: float, log) -> list[dict]:
+    """Time (record name, eager_fn, fused_fn, inputs) pairs in GB/s until `deadline`; later ones are skipped."""
     records = []
-    for shape in SPP_SHAPES:
-        for name, eager_fn, fused_fn, inputs in module.spp_cases(shape):
-            rec = {"section": "spp", "name": f"spp/{name}[{'x'.join(map(str, shape))}]"}
-            if time.monotonic() > deadline:
-                rec["skipped"] = "section time budget spent"
-            else:
-                try:
-                    rec.update(_time_spp(eager_fn, fused_fn, inputs))
-                except Exception as e:
-                    rec["skipped"] = _short(e)
-            status = f"{rec['fused_gbps']:.0f} GB/s, {rec['ratio']:.2f}x" if "ratio" in rec else rec["skipped"]
-            print(f"  {rec['name']}: {status}", file=log, flush=True)
-            records.append(rec)
-    return records
-
-
-def run_ssm_scan(deadline: float, log=sys.stderr) -> list[dict]:
-    from fxfuse.bench.registry import load_repo_module
-
-    module = load_repo_module("benchmarks/ssm_scan_op.py")
-    records = []
-    for name, eager_fn, fused_fn, inputs in module.scan_cases(SSM_SHAPES):
-        rec = {"section": "ssm_scan", "name": f"ssm_scan/selective[{name}]"}
+    for name, eager_fn, fused_fn, inputs in cases:
+        rec = {"section": section, "name": name}
         if time.monotonic() > deadline:
             rec["skipped"] = "section time budget spent"
         else:
@@ -266,6 +243,23 @@ def run_ssm_scan(deadline: float, log=sys.stderr) -> list[dict]:
         print(f"  {rec['name']}: {status}", file=log, flush=True)
         records.append(rec)
     return records
+
+
+def run_spp(deadline: float, log=sys.stderr) -> list[dict]:
+    from fxfuse.bench.registry import load_repo_module
+
+    module = load_repo_module("benchmarks/spp_op.py")
+    cases = [(f"spp/{name}[{'x'.join(map(str, shape))}]", *rest)
+             for shape in SPP_SHAPES for name, *rest in module.spp_cases(shape)]  # fmt: skip
+    return _time_bandwidth_cases("spp", cases, deadline, log)
+
+
+def run_ssm_scan(deadline: float, log=sys.stderr) -> list[dict]:
+    from fxfuse.bench.registry import load_repo_module
+
+    module = load_repo_module("benchmarks/ssm_scan_op.py")
+    cases = [(f"ssm_scan/selective[{name}]", *rest) for name, *rest in module.scan_cases(SSM_SHAPES)]
+    return _time_bandwidth_cases("ssm_scan", cases, deadline, log)
 
 
 def _time_spp(eager_fn: Callable, fused_fn: Callable, inputs: list) -> dict:

@@ -6,6 +6,7 @@ how the op will be lowered or raises, and the translation the torch.onnx exporte
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ def _lowerings() -> dict[str, Lowering]:
     for fam in families.FAMILIES.values():
         if fam.onnx_check is None or fam.onnx_translate is None:
             continue
-        families.load(fam.fusion + ":__name__")  # importing the module registers torch.ops.fxfuse.<op>
+        importlib.import_module(fam.fusion)  # registers torch.ops.fxfuse.<op>
         table[fam.op] = Lowering(fam.op_name, families.load(fam.onnx_check), families.load(fam.onnx_translate))
     return table
 
