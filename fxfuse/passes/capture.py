@@ -20,6 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from fxfuse.passes.vmap_inline import inline_vmaps
+
 
 def to_fake(values: Sequence[object], mode: FakeTensorMode) -> list[object]:
     return [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v for v in values]
@@ -32,7 +34,7 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
     other shapes, and each new graph comes through here again.
     """
     if isinstance(fn, torch.fx.GraphModule):
-        gm = fn
+        gm = inline_vmaps(fn)  # torch's CPU associative_scan maps its combine function with vmap
 
         def fn(*args):
             with torch.fx.traceback.preserve_node_meta():

@@ -390,10 +390,13 @@ def _backend_name(backend: str, anchor: Node) -> str:
 
 
 def find_ssm_scan(gm: GraphModule, backend: str) -> list[Site | Rejection]:
-    """Every re-rollable scan (or near miss) anchored on a stack / cat of per-step outputs."""
+    """Every re-rollable scan (or near miss) anchored on a stack / cat of per-step outputs, then every
+    `associative_scan` of the linear recurrence (`passes/ssm_assoc.py`)."""
+    from fxfuse.passes.ssm_assoc import find_associative_scans  # it imports this module's helpers
+
     found = []
     for node in gm.graph.nodes:
         result = match_selective_scan(node, backend)
         if result is not None:
             found.append(result)
-    return found
+    return found + find_associative_scans(gm, backend)
