@@ -90,6 +90,7 @@ def _step(node: Node, env: dict) -> object:
         if not isinstance(v, list):
             raise NotTheRecurrence(f"{node.name} reads a stacked pair outside an interleave")
         return v
+
     if t in (aten.mul.Tensor, aten.add.Tensor):
         x, y = args[0], args[1]
         if not (isinstance(x, Node) and isinstance(y, Node)) or node.kwargs.get("alpha", 1) != 1:
@@ -141,14 +142,16 @@ def _step(node: Node, env: dict) -> object:
     raise NotTheRecurrence(f"{node.name} ({t}) is not an op of the linear recurrence's sweep")
 
 
-def _interpret(a: Node, b: Node, length: int) -> tuple[dict, Node | None, str]:
+def _interpret(a: Node | None, b: Node, length: int) -> tuple[dict, Node | None, str]:
     """Symbolic values of the nodes computed from a and b (scan dim first) alone; the node that holds
     the states (scan_{0..t} at every t), or None with the first reason the sweep broke."""
-    env: dict[Node, object] = {a: [("A", t, t) for t in range(length)], b: [("B", t, t) for t in range(length)]}
+    env: dict[Node, object] = {b: [("B", t, t) for t in range(length)]}
+    if a is not None:
+        env[a] = [("A", t, t) for t in range(length)]
     want = [("B", 0, t) for t in range(length)]
     reason, states = "", None
-    order = {n: i for i, n in enumerate(a.graph.nodes)}
-    todo = sorted({u for x in (a, b) for u in x.users}, key=order.__getitem__)
+    order = {n: i for i, n in enumerate(b.graph.nodes)}
+    todo = sorted({u for x in env for u in x.users}, key=order.__getitem__)
     seen = set(todo)
     while todo:
         node = todo.pop(0)
@@ -188,17 +191,17 @@ def _combine_is_linear(combine: GraphModule) -> str | None:
     return None
 
 
-def _seed_pairs(gm: GraphModule) -> list[tuple[Node, Node, Node, Node, int]]:
+def _seed_pairs(gm: GraphModule) -> tuple[list[tuple[Node, Node, Node, Node, int]], list[Node]]:
     """(a_front, b_front, a, b, dim) candidates: two tensors of one shape with the same dim moved to the
-    front, both split into even and odd positions (the sweep's first level)."""
+    front, both split into even and odd positions (the sweep's first level); and all such fronts."""
     fronts: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.movedim.int and node.args[2] == 0:
             src = node.args[0]
             if not isinstance(src, Node) or not isinstance(src.meta.get("val"), torch.Tensor):
                 continue
-            evens = any(u.target is aten.slice.Tensor and tuple(u.args[1:]) in ((0, 0, -1, 2), (0, 0, None, 2))
-                        for u in node.users)  # fmt: skip
+            slices = {tuple(u.args[1:]) for u in node.users if u.target is aten.slice.Tensor}
+            evens = bool(slices & {(0, 0, -1, 2), (0, 0, None, 2)}) and (0, 1, None, 2) in slices
             if evens and len(shape(node)) == 4 and shape(node)[0] >= 2:
                 fronts.setdefault((shape(node), node.args[1] % 4), []).append(node)
     pairs = []
@@ -207,7 +210,7 @@ def _seed_pairs(gm: GraphModule) -> list[tuple[Node, Node, Node, Node, int]]:
             for fb in nodes:
                 if fa is not fb:
                     pairs.append((fa, fb, fa.args[0], fb.args[0], dim))
-    return pairs
+    return pairs, [n for nodes in fronts.values() for n in nodes]
 
 
 def _readout(hs: Node, reader: Node, labels: tuple) -> tuple[str, str, Node, tuple, Node, tuple]:
@@ -296,6 +299,8 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
     if exp_node.target is not aten.exp.default:
         raise NotAScan(f"the decay is {exp_node.target}, not exp(Δ ⊗ A)")
     dt, A = _split(factors(exp_node.args[0], exp_labels, _no_time, stop), contracted)
+    if any("l" in labs for _, labs in A.leaves):
+        raise NotAScan("the scanned dim is one the decay's A spans (channels), not time")
     x, B = _split(factors(b, labels, _no_time, stop), contracted)
     C = factors(partner, c_labels, _no_time, stop)
     parts = {"dt": dt, "A": A, "x": x, "B": B, "C": C}
@@ -364,17 +369,16 @@ def find_associative_scans(gm: GraphModule, backend: str) -> list[Site | Rejecti
     """Every associative-scan sweep of the linear recurrence (or near miss) in `gm`."""
     found: list[Site | Rejection] = []
     used: set[Node] = set()
-    rejected: dict[Node, Rejection] = {}
-    for fa, fb, a, b, dim in _seed_pairs(gm):
+    pairs, fronts = _seed_pairs(gm)
+    near: list[tuple[Node, Node, str]] = []
+    for fa, fb, a, b, dim in pairs:
         if fa in used or fb in used:
             continue
         length = shape(fa)[0]
         _, states, reason = _interpret(fa, fb, length)
-        variant = f"associative_scan, {length} steps"
         if states is None:
-            key = fa if fa.name < fb.name else fb
-            rejected.setdefault(key, Rejection("ssm_scan", variant, key, reason or "no tensor holds every step's state "
-                                               "(the combine is not the linear recurrence)"))  # fmt: skip
+            if reason:
+                near.append((fa, fb, reason))
             continue
         used.update((fa, fb))
         hs = _states_in_layout(states, dim)
@@ -383,6 +387,14 @@ def find_associative_scans(gm: GraphModule, backend: str) -> list[Site | Rejecti
                 raise NotAScan("the states are read before the scanned dim is moved back")
             found.append(_site(analyze(hs, a, b, dim), fa, length, dim, backend))
         except NotAScan as exc:
-            found.append(Rejection("ssm_scan", f"{variant}, linear recurrence", fa, str(exc)))
-    found.extend(r for key, r in rejected.items() if key not in used)
+            found.append(Rejection("ssm_scan", f"associative_scan, {length} steps, linear recurrence", fa, str(exc)))
+    for fa, fb, reason in near:  # a sweep over decays and inputs whose combine is another one
+        if fa not in used and fb not in used:
+            used.update((fa, fb))
+            found.append(Rejection("ssm_scan", f"associative_scan, {shape(fa)[0]} steps", fa, reason))
+    for front in fronts:  # a sweep over one tensor (the combine never reads the other)
+        if front not in used:
+            _, states, reason = _interpret(None, front, shape(front)[0])
+            if states is None and reason:
+                found.append(Rejection("ssm_scan", f"associative_scan, {shape(front)[0]} steps", front, reason))
     return found
