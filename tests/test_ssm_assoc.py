@@ -159,3 +159,55 @@ def test_hugging_face_mamba_as_shipped_every_layer():
         assert (g is None) == (w is None)
         if g is not None and w.abs().max() > 0:
             assert _rel(g, w) < 1e-4
+
+
+def _hop_scan(u, delta, B, C, A, swap: bool):
+    """The `associative_scan` higher-order op as it survives capture with combine_mode="pointwise" (CUDA):
+    decays and inputs moved to scan dim 0, the combine a graph; `swap` puts the inputs first."""
+    from torch._higher_order_ops.associative_scan import associative_scan_op
+
+    decay, inputs = _factors(A, u, F.softplus(delta), B)
+    xs = [torch.movedim(decay, 2, 0), torch.movedim(inputs, 2, 0)]
+    if swap:
+        out = associative_scan_op(lambda bl, al, br, ar: (br + bl * ar, ar * al), xs[::-1], ())
+    else:
+        out = associative_scan_op(lambda al, bl, ar, br: (al * ar, ar * bl + br), xs, ())
+    states = torch.movedim(out[0 if swap else 1], 0, 2)
+    return torch.einsum("bdln,bln->bdl", states, C), states[:, :, -1]
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_higher_order_op_matched(swap):
+    from fxfuse.passes.capture import aten_graph
+    from fxfuse.passes.rewrite import rewrite_patterns
+
+    A = -torch.rand(8, 4) - 0.1
+    inputs = [*_inputs(), A]
+    fn = lambda *args: _hop_scan(*args, swap=swap)  # noqa: E731
+    gm, rewrites, _ = rewrite_patterns(aten_graph(fn, inputs), ["ssm_scan"], "auto")
+    assert [r.status for r in rewrites] == ["applied"], rewrites
+    assert rewrites[0].variant.endswith("readout einsum, scan dim 2, 6 steps, higher-order op")
+    assert "fxfuse.selective_scan.default" in [str(n.target) for n in gm.graph.nodes]
+    ref = AssocScan(linear, "einsum").double()
+    ref.A.data.copy_(A)
+    want = loop_reference(ref, *(x.double() for x in inputs[:4]))
+    for g, w in zip(gm(*inputs), want, strict=True):
+        assert _rel(g, w) < 1e-5
+
+
+def test_higher_order_op_nonlinear_combine_left_alone():
+    from torch._higher_order_ops.associative_scan import associative_scan_op
+
+    from fxfuse.passes.capture import aten_graph
+    from fxfuse.passes.rewrite import rewrite_patterns
+
+    def fn(a, b):
+        out = associative_scan_op(lambda al, bl, ar, br: (al * ar, torch.tanh(ar * bl + br)), [a, b], ())
+        return torch.einsum("ldbn,bln->bdl", out[1], torch.ones(2, 5, 4))
+
+    inputs = [torch.rand(5, 8, 2, 4), torch.randn(5, 8, 2, 4)]
+    gm, rewrites, _ = rewrite_patterns(aten_graph(fn, inputs), ["ssm_scan"], "auto")
+    assert [(r.status, "tanh" in r.reason) for r in rewrites] == [("rejected", True)], rewrites
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert "associative_scan" in targets and "fxfuse.selective_scan.default" not in targets
+    assert torch.equal(gm(*inputs), fn(*inputs))

@@ -42,6 +42,11 @@ def _is_mutating(node: Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
+def _is_subgraph(node: Node) -> bool:
+    """A get_attr of a higher-order op's body (an associative_scan's combine): copied with the region."""
+    return isinstance(getattr(node.graph.owning_module, str(node.target), None), GraphModule)
+
+
 def region_of(site: Site) -> list[Node] | str:
     """Nodes computed between `site.inputs` and `site.output`, in graph order, or why the site is unsound."""
     inputs = set(site.inputs)
@@ -51,7 +56,7 @@ def region_of(site: Site) -> list[Node] | str:
         node = stack.pop()
         if node in seen or node in inputs or isinstance(node.meta.get("val"), torch.SymInt):
             continue  # sizes (symbolic under torch.export's dynamic_shapes) are numbers the region reads
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "placeholder" or (node.op == "get_attr" and not _is_subgraph(node)):
             return f"the region reads {node.name}, which the match does not account for"
         if _is_mutating(node):
             return f"the region contains the in-place op {node.target}"

@@ -172,23 +172,28 @@ def _interpret(a: Node | None, b: Node, length: int) -> tuple[dict, Node | None,
     return env, states, reason
 
 
-def _combine_is_linear(combine: GraphModule) -> str | None:
-    """None when the higher-order op's combine graph is (a_l·a_r, a_r·b_l + b_r); else why not."""
+def _combine_roles(combine: GraphModule) -> tuple[int, str | None]:
+    """(index of the inputs b among the op's two operands, None) when the higher-order op's combine graph
+    is (a_l·a_r, a_r·b_l + b_r) with the operands in either order; else (-1, why not)."""
     placeholders = [n for n in combine.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 4:
-        return f"the combine takes {len(placeholders)} tensors, the linear recurrence 4"
-    env = dict(zip(placeholders, ([("A", 0, 0)], [("B", 0, 0)], [("A", 1, 1)], [("B", 1, 1)])))
-    for node in combine.graph.nodes:
-        if node.op == "call_function":
-            try:
-                env[node] = _step(node, env) if node.target is not operator.getitem else None
-            except (NotTheRecurrence, NotAScan) as exc:
-                return str(exc)
-        elif node.op == "output":
-            outs = list(node.args[0])
-            if len(outs) != 2 or [env.get(o) for o in outs] != [[("A", 0, 1)], [("B", 0, 1)]]:
-                return "the combine does not return (a_l·a_r, a_r·b_l + b_r)"
-    return None
+        return -1, f"the combine takes {len(placeholders)} tensors, the linear recurrence 4"
+    reason = ""
+    for ib in (1, 0):
+        roles = ("A", "B") if ib == 1 else ("B", "A")
+        seeds = [[(roles[j % 2], j // 2, j // 2)] for j in range(4)]
+        env, want = dict(zip(placeholders, seeds)), [[(r, 0, 1)] for r in roles]
+        try:
+            for node in combine.graph.nodes:
+                if node.op == "call_function":
+                    env[node] = _step(node, env)
+                elif node.op == "output":
+                    if [env.get(o) for o in node.args[0]] == want:
+                        return ib, None
+                    raise NotTheRecurrence("the combine does not return (a_l·a_r, a_r·b_l + b_r)")
+        except (NotTheRecurrence, NotAScan) as exc:
+            reason = reason or str(exc)
+    return -1, reason
 
 
 def _seed_pairs(gm: GraphModule) -> tuple[list[tuple[Node, Node, Node, Node, int]], list[Node]]:
@@ -322,7 +327,7 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
             "state_labels": state_labels}  # fmt: skip
 
 
-def _site(found: dict, front: Node, length: int, dim: int, backend: str) -> Site:
+def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: str) -> Site:
     parts, sizes, out, finals = found["parts"], found["sizes"], found["out"], found["finals"]
     inputs = list(dict.fromkeys(leaf for part in parts.values() for leaf, _ in part.leaves))
     extra = finals[:1]
@@ -348,7 +353,7 @@ def _site(found: dict, front: Node, length: int, dim: int, backend: str) -> Site
     variant = ", ".join(
         ["associative_scan → 1 scan", "selective", "fused discretization"]
         + (["final state"] if extra else [])
-        + [f"readout {found['kind']}", f"scan dim {dim}", f"{length} steps"]
+        + [f"readout {found['kind']}", f"scan dim {dim}", f"{length} steps", form]
     )
     return Site("ssm_scan", variant, front, out, inputs, emit, backend=_backend_name(backend, out),
                 tolerance=SCAN_TOLERANCE, input_gen=_input_gen(inputs, parts), extra_region=list(finals),
@@ -385,16 +390,52 @@ def find_associative_scans(gm: GraphModule, backend: str) -> list[Site | Rejecti
         try:
             if hs is None:
                 raise NotAScan("the states are read before the scanned dim is moved back")
-            found.append(_site(analyze(hs, a, b, dim), fa, length, dim, backend))
+            found.append(_site(analyze(hs, a, b, dim), fa, length, dim, backend, "log-depth sweep"))
         except NotAScan as exc:
             found.append(Rejection("ssm_scan", f"associative_scan, {length} steps, linear recurrence", fa, str(exc)))
     for fa, fb, reason in near:  # a sweep over decays and inputs whose combine is another one
         if fa not in used and fb not in used:
             used.update((fa, fb))
             found.append(Rejection("ssm_scan", f"associative_scan, {shape(fa)[0]} steps", fa, reason))
+    found.extend(_higher_order_sites(gm, backend))
     for front in fronts:  # a sweep over one tensor (the combine never reads the other)
         if front not in used:
             _, states, reason = _interpret(None, front, shape(front)[0])
             if states is None and reason:
                 found.append(Rejection("ssm_scan", f"associative_scan, {shape(front)[0]} steps", front, reason))
+    return found
+
+
+def _higher_order_sites(gm: GraphModule, backend: str) -> list[Site | Rejection]:
+    """Every `associative_scan` higher-order op node (where it survives capture) of the linear recurrence."""
+    found: list[Site | Rejection] = []
+    for node in gm.graph.nodes:
+        if _HOP is None or node.op != "call_function" or node.target is not _HOP:
+            continue
+        combine_node, xs, extra = node.args[0], list(node.args[1]), node.args[2] if len(node.args) > 2 else ()
+        if len(xs) != 2 or extra or combine_node.op != "get_attr":
+            why = "the combine reads tensors from outside" if extra else f"the scan carries {len(xs)} tensors, not 2"
+            found.append(Rejection("ssm_scan", "associative_scan op", node, why))
+            continue
+        length = shape(xs[0])[0]
+        variant = f"associative_scan op, {length} steps"
+        ib, reason = _combine_roles(getattr(gm, combine_node.target))
+        states = next((u for u in node.users if u.target is operator.getitem and u.args[1] == ib), None)
+        if reason is not None or states is None:
+            found.append(Rejection("ssm_scan", variant, node, reason or "the states are not read"))
+            continue
+        fronts = xs[1 - ib], xs[ib]
+        moved = all(f.target is aten.movedim.int and f.args[2] == 0 for f in fronts)
+        dim = fronts[0].args[1] % 4 if moved and len(shape(fronts[0])) == 4 else 0
+        if moved and fronts[1].args[1] % 4 != dim:
+            found.append(Rejection("ssm_scan", variant, node, "the decays and inputs are scanned along different dims"))
+            continue
+        a, b = (f.args[0] for f in fronts) if moved else fronts
+        hs = _states_in_layout(states, dim)
+        try:
+            if hs is None or len(shape(states)) != 4:
+                raise NotAScan("the states are read before the scanned dim is moved back")
+            found.append(_site(analyze(hs, a, b, dim), node, length, dim, backend, "higher-order op"))
+        except NotAScan as exc:
+            found.append(Rejection("ssm_scan", f"{variant}, linear recurrence", node, str(exc)))
     return found
