@@ -82,7 +82,7 @@ def _inputs(length: int = 6):
     return (torch.randn(2, 8, length), torch.randn(2, 8, length), torch.randn(2, length, 4), torch.randn(2, length, 4))
 
 
-@pytest.mark.parametrize("combine,kind", [(linear, "matmul"), (linear_commuted, "einsum"), (linear, "sum")])
+@pytest.mark.parametrize("combine,kind", [(linear, "matmul"), (linear_commuted, "sum")])
 def test_associative_scan_matched_and_verified(combine, kind):
     model = AssocScan(combine, kind).train()
     inputs = _inputs()

@@ -85,7 +85,7 @@ def test_hugging_face_mamba_loop_path_every_layer():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     # use_associative_scan=False: the shipped default switches to torch's associative_scan under dynamo
-    # (which capture unrolls into a log-depth sweep, not matched); export always takes this loop
+    # (tests/test_ssm_assoc.py); export always takes this loop
     config = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2,
                                       intermediate_size=32, use_cache=False, use_associative_scan=False)  # fmt: skip
     model = transformers.MambaModel(config).eval()

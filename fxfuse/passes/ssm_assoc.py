@@ -210,10 +210,11 @@ def _seed_pairs(gm: GraphModule) -> tuple[list[tuple[Node, Node, Node, Node, int
             if evens and len(shape(node)) == 4 and shape(node)[0] >= 2:
                 fronts.setdefault((shape(node), node.args[1] % 4), []).append(node)
     pairs = []
+    near = {n: {w for u in n.users for w in u.users} for nodes in fronts.values() for n in nodes}
     for (_, dim), nodes in fronts.items():
         for fa in nodes:
             for fb in nodes:
-                if fa is not fb:
+                if fa is not fb and near[fa] & near[fb]:  # the first level's combine reads both
                     pairs.append((fa, fb, fa.args[0], fb.args[0], dim))
     return pairs, [n for nodes in fronts.values() for n in nodes]
 
