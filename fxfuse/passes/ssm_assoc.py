@@ -198,16 +198,15 @@ def _combine_roles(combine: GraphModule) -> tuple[int, str | None]:
 
 def _seed_pairs(gm: GraphModule) -> tuple[list[tuple[Node, Node, Node, Node, int]], list[Node]]:
     """(a_front, b_front, a, b, dim) candidates: two tensors of one shape with the same dim moved to the
-    front, both split into even and odd positions (the sweep's first level); and all such fronts."""
+    front, both sliced with step 2 (the sweep's first level); and all such fronts."""
     fronts: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.movedim.int and node.args[2] == 0:
             src = node.args[0]
             if not isinstance(src, Node) or not isinstance(src.meta.get("val"), torch.Tensor):
                 continue
-            slices = {tuple(u.args[1:]) for u in node.users if u.target is aten.slice.Tensor}
-            evens = bool(slices & {(0, 0, -1, 2), (0, 0, None, 2)}) and (0, 1, None, 2) in slices
-            if evens and len(shape(node)) == 4 and shape(node)[0] >= 2:
+            strided = [u for u in node.users if u.target is aten.slice.Tensor and (*u.args[1:2], *u.args[4:]) == (0, 2)]
+            if strided and len(shape(node)) == 4 and shape(node)[0] >= 2:
                 fronts.setdefault((shape(node), node.args[1] % 4), []).append(node)
     pairs = []
     near = {n: {w for u in n.users for w in u.users} for nodes in fronts.values() for n in nodes}
@@ -400,7 +399,8 @@ def find_associative_scans(gm: GraphModule, backend: str) -> list[Site | Rejecti
             found.append(Rejection("ssm_scan", f"associative_scan, {shape(fa)[0]} steps", fa, reason))
     found.extend(_higher_order_sites(gm, backend))
     for front in fronts:  # a sweep over one tensor (the combine never reads the other)
-        if front not in used:
+        slices = {tuple(u.args[1:]) for u in front.users if u.target is aten.slice.Tensor}
+        if front not in used and {(0, 1, None, 2)} <= slices and slices & {(0, 0, -1, 2), (0, 0, None, 2)}:
             _, states, reason = _interpret(None, front, shape(front)[0])
             if states is None and reason:
                 found.append(Rejection("ssm_scan", f"associative_scan, {shape(front)[0]} steps", front, reason))
