@@ -386,13 +386,8 @@ def find_associative_scans(gm: GraphModule, backend: str) -> list[Site | Rejecti
                 near.append((fa, fb, reason))
             continue
         used.update((fa, fb))
-        hs = _states_in_layout(states, dim)
-        try:
-            if hs is None:
-                raise NotAScan("the states are read before the scanned dim is moved back")
-            found.append(_site(analyze(hs, a, b, dim), fa, length, dim, backend, "log-depth sweep"))
-        except NotAScan as exc:
-            found.append(Rejection("ssm_scan", f"associative_scan, {length} steps, linear recurrence", fa, str(exc)))
+        variant = f"associative_scan, {length} steps, linear recurrence"
+        found.append(_scan_site(fa, variant, states, a, b, dim, length, backend, "log-depth sweep"))
     for fa, fb, reason in near:  # a sweep over decays and inputs whose combine is another one
         if fa not in used and fb not in used:
             used.update((fa, fb))
@@ -420,6 +415,10 @@ def _higher_order_sites(gm: GraphModule, backend: str) -> list[Site | Rejection]
             continue
         length = shape(xs[0])[0]
         variant = f"associative_scan op, {length} steps"
+        if len(shape(xs[0])) != 4:
+            found.append(Rejection("ssm_scan", variant, node, f"the scanned tensors have rank {len(shape(xs[0]))}; "
+                                   "[batch, channel, time, state] is fused"))  # fmt: skip
+            continue
         ib, reason = _combine_roles(getattr(gm, combine_node.target))
         states = next((u for u in node.users if u.target is operator.getitem and u.args[1] == ib), None)
         if reason is not None or states is None:
@@ -432,11 +431,22 @@ def _higher_order_sites(gm: GraphModule, backend: str) -> list[Site | Rejection]
             found.append(Rejection("ssm_scan", variant, node, "the decays and inputs are scanned along different dims"))
             continue
         a, b = (f.args[0] for f in fronts) if moved else fronts
-        hs = _states_in_layout(states, dim)
-        try:
-            if hs is None or len(shape(states)) != 4:
-                raise NotAScan("the states are read before the scanned dim is moved back")
-            found.append(_site(analyze(hs, a, b, dim), node, length, dim, backend, "higher-order op"))
-        except NotAScan as exc:
-            found.append(Rejection("ssm_scan", f"{variant}, linear recurrence", node, str(exc)))
+        found.append(_scan_site(node, f"{variant}, linear recurrence", states, a, b, dim, length, backend,
+                                "higher-order op"))  # fmt: skip
     return found
+
+
+def _scan_site(anchor: Node, variant: str, states: Node, a: Node, b: Node, dim: int, length: int, backend: str,
+               form: str) -> Site | Rejection:  # fmt: skip
+    """The site of a scan whose states (scanned dim first) are `states`; a Rejection with the reason when it
+    is not one the op computes. Anything unexpected is a rejection too, so that the loops found in the same
+    graph keep their rewrites."""
+    try:
+        hs = _states_in_layout(states, dim)
+        if hs is None:
+            raise NotAScan("the states are read before the scanned dim is moved back")
+        return _site(analyze(hs, a, b, dim), anchor, length, dim, backend, form)
+    except NotAScan as exc:
+        return Rejection("ssm_scan", variant, anchor, str(exc))
+    except Exception as exc:  # noqa: BLE001
+        return Rejection("ssm_scan", variant, anchor, f"not analysed ({type(exc).__name__}: {exc})")

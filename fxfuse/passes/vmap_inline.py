@@ -35,13 +35,13 @@ _ELEMENTWISE = {
 def _region(enter: Node) -> list[Node] | None:
     """The nodes from `enter` to its `_vmap_decrement_nesting`, or None when the region is not one
     that inlining keeps exact."""
-    if len(enter.args) < 1 or not isinstance(enter.args[0], int):
+    if len(enter.args) < 1 or not isinstance(enter.args[0], int) or enter.users:
         return None
     size, nodes, batched, ranks = enter.args[0], [], set(), set()
     node = enter.next
     while node.op != "output":
         if node.op == "call_function" and node.target is _LEAVE:
-            return [enter, *nodes, node] if len(ranks) == 1 else None
+            return [enter, *nodes, node] if len(ranks) == 1 and not node.users else None
         if node.op != "call_function" or node.target is _ENTER:
             return None
         if node.target is _ADD:
@@ -55,7 +55,8 @@ def _region(enter: Node) -> list[Node] | None:
             if node.args[0] not in batched or node.args[2] != size or node.args[3] != 0:
                 return None
         elif node.target is _LAZY:
-            pass
+            if node.users:
+                return None
         elif node.target in _ELEMENTWISE and not node.kwargs:
             tensors = [a for a in node.args if isinstance(a, Node)]
             if not tensors or any(a not in batched for a in tensors):
