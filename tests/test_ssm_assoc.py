@@ -137,8 +137,9 @@ def test_near_miss_left_alone(name):
 def test_hugging_face_mamba_as_shipped_every_layer():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
+    # the default config (use_cache=True: each layer's final state goes to the cache, the op's second output)
     config = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2,
-                                      intermediate_size=32, use_cache=False)  # fmt: skip
+                                      intermediate_size=32)  # fmt: skip
     assert config.use_associative_scan  # the shipped default: torch's associative_scan under dynamo
     model = transformers.MambaModel(config).train()
     ids = torch.randint(0, 64, (2, 6))
@@ -147,7 +148,7 @@ def test_hugging_face_mamba_as_shipped_every_layer():
         opt = fxfuse.optimize(model, (ids,))
         rep = fxfuse.report(opt)
         assert rep.count("ssm_scan") == 2, str(rep)
-        assert all(r.variant.startswith("associative_scan → 1 scan, selective") for r in rep.rewrites)
+        assert all(r.variant.startswith("associative_scan → 1 scan, selective") for r in rep.rewrites), str(rep)
         got = opt(ids).last_hidden_state
         ref = copy.deepcopy(model).double()
         want = ref(ids).last_hidden_state
