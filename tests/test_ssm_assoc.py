@@ -62,8 +62,10 @@ class AssocScan(nn.Module):
             y = torch.matmul(states.transpose(1, 2), C.unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         elif self.kind == "einsum":
             y = torch.einsum("bdln,bln->bdl", states, C)
-        else:
+        elif self.kind == "sum":
             y = (states * C[:, None]).sum(-1)
+        else:  # a readout the op does not compute: the states are materialized for it
+            y = (torch.tanh(states) * C[:, None]).sum(-1)
         return y, states.select(self.scan_dim, -1)
 
 
@@ -73,7 +75,7 @@ def loop_reference(model: AssocScan, u, delta, B, C):
     h, ys = torch.zeros_like(decay[:, :, 0]), []
     for t in range(u.shape[-1]):
         h = decay[:, :, t] * h + inputs[:, :, t]
-        ys.append((h * C[:, t, None]).sum(-1))
+        ys.append(((torch.tanh(h) if model.kind == "tanh" else h) * C[:, t, None]).sum(-1))
     return torch.stack(ys, -1), h
 
 
@@ -83,7 +85,9 @@ def _inputs(length: int = 6):
 
 
 # 3 steps: the decays' own products are dead after the first level, capture keeps only what the inputs read
-@pytest.mark.parametrize("combine,kind,length", [(linear, "matmul", 6), (linear_commuted, "sum", 3)])
+@pytest.mark.parametrize(
+    "combine,kind,length", [(linear, "matmul", 6), (linear_commuted, "sum", 3), (linear, "tanh", 5)]
+)
 def test_associative_scan_matched_and_verified(combine, kind, length):
     model = AssocScan(combine, kind).train()
     inputs = _inputs(length)
@@ -92,8 +96,12 @@ def test_associative_scan_matched_and_verified(combine, kind, length):
     rep = fxfuse.report(opt)
     assert rep.count("ssm_scan") == 1, str(rep)
     (applied,) = rep.rewrites
-    assert applied.variant.startswith("associative_scan → 1 scan, selective, fused discretization, final state")
-    assert f"readout {kind}, scan dim 2, {length} steps, log-depth sweep" in applied.variant, applied.variant
+    if kind == "tanh":  # Δ = 1, A = B = C = 1 over the flattened state; the readout reads the op's states
+        assert applied.variant.startswith("associative_scan → 1 scan, elementwise, exp decay, states materialized")
+        assert applied.variant.endswith(f"scan dim 2, {length} steps, log-depth sweep"), applied.variant
+    else:
+        assert applied.variant.startswith("associative_scan → 1 scan, selective, fused discretization, final state")
+        assert f"readout {kind}, scan dim 2, {length} steps, log-depth sweep" in applied.variant, applied.variant
     # forward and gradients (inputs and A) in float32 against the loop in float64
     wide = [x.double().requires_grad_() for x in inputs]
     ref = AssocScan(combine, kind).double()

@@ -25,7 +25,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.site import Rejection, Site
-from fxfuse.passes.ssm_labels import NotAScan, Product, factors, output_labels, shape, strip_moves
+from fxfuse.passes.ssm_labels import PASS_THROUGH, NotAScan, Product, factors, output_labels, shape, strip_moves
 from fxfuse.passes.ssm_scan import (
     _ALLOWED,
     SCAN_TOLERANCE,
@@ -37,9 +37,14 @@ from fxfuse.passes.ssm_scan import (
     _split,
     _to_layout,
 )
+from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
 _HOP = getattr(torch.ops.higher_order, "associative_scan", None)
+
+
+class ReadoutNotFused(NotAScan):
+    """The states are read by something other than one readout Σ_n h·C (the plain scan may still apply)."""
 
 
 class NotTheRecurrence(Exception):
@@ -296,9 +301,12 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
     finals = [u for u in hs.users if u.target is aten.select.int and u.args[1] % 4 == dim
               and u.args[2] in (-1, shape(hs)[dim] - 1)]  # fmt: skip
     readers = [u for u in hs.users if u not in finals]
-    if len(readers) != 1:
-        raise NotAScan(f"the states have {len(readers)} readers besides the final state; one readout is fused")
-    kind, contracted, partner, c_labels, out, out_labels = _readout(hs, readers[0], labels)
+    try:
+        if len(readers) != 1:
+            raise NotAScan(f"the states have {len(readers)} readers besides the final state; one readout is fused")
+        kind, contracted, partner, c_labels, out, out_labels = _readout(hs, readers[0], labels)
+    except NotAScan as exc:
+        raise ReadoutNotFused(str(exc)) from exc
     stop = lambda n: False  # noqa: E731
     exp_node, exp_labels = strip_moves(a, labels, _no_time)
     if exp_node.target is not aten.exp.default:
@@ -445,8 +453,75 @@ def _scan_site(anchor: Node, variant: str, states: Node, a: Node, b: Node, dim: 
         hs = _states_in_layout(states, dim)
         if hs is None:
             raise NotAScan("the states are read before the scanned dim is moved back")
-        return _site(analyze(hs, a, b, dim), anchor, length, dim, backend, form)
+        try:
+            return _site(analyze(hs, a, b, dim), anchor, length, dim, backend, form)
+        except ReadoutNotFused as exc:
+            plain = _plain_site(
+                hs,
+                a,
+                b,
+                dim,
+                backend,
+                f"associative_scan → 1 scan, elementwise, exp decay, states "
+                f"materialized (readout not fused: {exc}), scan dim {dim}, {length} steps, {form}",
+            )
+            if plain is None:
+                raise
+            return plain
     except NotAScan as exc:
         return Rejection("ssm_scan", variant, anchor, str(exc))
     except Exception as exc:  # noqa: BLE001
         return Rejection("ssm_scan", variant, anchor, f"not analysed ({type(exc).__name__}: {exc})")
+
+
+def _plain_site(hs: Node, a: Node, b: Node, dim: int, backend: str, variant: str) -> Site | None:
+    """The scan as an elementwise recurrence h_t = exp(z_t) h_{t-1} + b_t over every other position, the op
+    run with Δ = z, A = B = C = 1 on the flattened state (exp(z·1) = exp(z), h·1 = h, as `passes/ssm_lti.py`
+    maps LTI loops): exact for any readout, which stays as the user wrote it, reading the op's states.
+    None when the decay is not exp(z) (the op takes log-decays)."""
+    node = a
+    while node.op == "call_function" and node.target in PASS_THROUGH:
+        node = node.args[0]
+    if node.op != "call_function" or node.target is not aten.exp.default or not isinstance(node.args[0], Node):
+        return None
+    z, full = node.args[0], list(shape(hs))
+    if list(shape(b)) != full or len(shape(z)) > len(full) or shape(a) != tuple(full):
+        return None
+    if any(s not in (1, w) for s, w in zip(shape(z)[::-1], full[::-1])):
+        return None
+    length = full[dim]
+    channels = max(1, hs.meta["val"].numel() // max(length, 1))
+    out_dtype = hs.meta["val"].dtype
+    inputs = [z, b]
+
+    def emit(graph: Graph, nodes: list[Node]) -> Node:
+        import fxfuse.fusion.ssm_scan  # noqa: F401  registers torch.ops.fxfuse.selective_scan
+
+        state = torch.float64 if any(n.meta["val"].dtype == torch.float64 for n in inputs) else torch.float32
+
+        def flat(x: Node, like: Node) -> Node:
+            if like.meta["val"].dtype != state:
+                x = graph.call_function(aten._to_copy.default, (x,), {"dtype": state})
+            x = _call(graph, aten.movedim.int, _call(graph, aten.expand.default, x, full), dim, -1)
+            return _call(graph, aten.reshape.default, x, [1, channels, length])
+
+        dt, x = flat(nodes[0], z), flat(nodes[1], b)
+        ones_a = _call(graph, aten.full.default, [channels, 1], 1.0)
+        ones = _call(graph, aten.full.default, [1, length, 1], 1.0)
+        if state == torch.float64:
+            ones_a = graph.call_function(aten._to_copy.default, (ones_a,), {"dtype": state})
+            ones = graph.call_function(aten._to_copy.default, (ones,), {"dtype": state})
+        scan = _call(graph, torch.ops.fxfuse.selective_scan.default, dt, ones_a, x, ones, ones, None, backend)
+        moved = [s for j, s in enumerate(full) if j != dim] + [length]
+        hs_new = _call(graph, aten.reshape.default, _call(graph, operator.getitem, scan, 0), moved)
+        hs_new = _call(graph, aten.movedim.int, hs_new, -1, dim)
+        if out_dtype != state:
+            hs_new = graph.call_function(aten._to_copy.default, (hs_new,), {"dtype": out_dtype})
+        return hs_new
+
+    def input_gen(index: int, val: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
+        """The log-decay z <= 0, as trained models keep it: a growing state would overflow the original."""
+        return -random_like(val, "normal", seed + 97).abs() if index == 0 else None
+
+    return Site("ssm_scan", variant, hs, hs, inputs, emit, backend=_backend_name(backend, hs),
+                tolerance=SCAN_TOLERANCE, input_gen=input_gen)  # fmt: skip
