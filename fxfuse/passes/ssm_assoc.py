@@ -12,7 +12,10 @@ The rule, on one screen:
   in either operand order; the match needs a tensor whose every position t holds scan_{0..t}, the states;
 - the factors as in `passes/ssm_scan.py` (`passes/ssm_labels.py` labels): a = exp(Δ ⊗ A), b = (Δ·u) ⊗ B,
   read by the fused op as leaves; the readout Σ_n h C as a matmul with C[..., None], an einsum or
-  (h * C).sum(n); the final state `states[..., -1, :]` the op's second output.
+  (h * C).sum(n); the final state `states[..., -1, :]` the op's second output;
+- states read some other way (a nonlinear readout, several readers): when a = exp(z), the scan alone is
+  fused as an elementwise recurrence (Δ = z, A = B = C = 1 over the flattened state, as `passes/ssm_lti.py`
+  maps LTI loops) and the readers read the op's states.
 Left alone, with the reason in the report: combines that are not this recurrence (a tanh, b_l + b_r, the
 reversed order a_l·b_r + b_l), sweeps whose states are read elsewhere, decays that are not exp(Δ ⊗ A).
 """
