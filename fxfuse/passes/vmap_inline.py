@@ -21,10 +21,14 @@ import torch
 import torch.fx
 from torch.fx import Node
 
-_PRE = torch._functorch.predispatch
-_ENTER, _LEAVE = _PRE._vmap_increment_nesting, _PRE._vmap_decrement_nesting
-_ADD, _REMOVE = _PRE._add_batch_dim, _PRE._remove_batch_dim
-_LAZY = _PRE.lazy_load_decompositions
+try:  # where dynamo records vmap this way (torch 2.9 on); elsewhere there is nothing to inline
+    from torch._functorch import predispatch as _PRE
+
+    _ENTER, _LEAVE = _PRE._vmap_increment_nesting, _PRE._vmap_decrement_nesting
+    _ADD, _REMOVE = _PRE._add_batch_dim, _PRE._remove_batch_dim
+    _LAZY = _PRE.lazy_load_decompositions
+except (ImportError, AttributeError):  # pragma: no cover
+    _ENTER = _LEAVE = _ADD = _REMOVE = _LAZY = object()
 _ELEMENTWISE = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
     torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.exp, torch.tanh, torch.sigmoid, torch.abs,
