@@ -27,6 +27,7 @@ from torch.fx import Graph, GraphModule, Node
 from fxfuse.backends import resolve
 from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
+from fxfuse.passes.ssm_complex import complex_state, match_complex, match_split
 from fxfuse.passes.ssm_labels import (
     PASS_THROUGH,
     NotAScan,
@@ -298,9 +299,13 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     try:
         loop = find_loop(anchor)
     except NotALoop as exc:
+        if str(exc).startswith("the steps carry 2 values"):  # a complex state split into real and imaginary
+            return match_split(anchor, _time_index, backend)
         recurrent = chained(per_step_outputs(anchor)[0])
         return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
     variant = f"{loop.length} steps"
+    if complex_state(loop):
+        return match_complex(loop, _time_index(loop), backend)
     try:
         if decay(loop) is not None:
             return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
