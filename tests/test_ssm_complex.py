@@ -1,0 +1,229 @@
+"""Complex LTI recurrences (LRU) written as Python loops, with torch complex tensors or a real/imaginary
+split: re-rolled into one fxfuse::complex_scan and checked against float64 runs of the original, forward
+and backward; the op against a float64 loop; near misses left alone with the reason in the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+from examples.lru_models import ComplexLRU, make_complex_lru, make_lru_stack, make_split_lru
+from fxfuse.fusion.complex_scan import complex_scan
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = (torch.view_as_real(t) if t.is_complex() else t for t in (got.detach(), want.detach()))
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _check_against_float64(model: nn.Module, inputs: tuple, opt: nn.Module) -> None:
+    """Outputs (complex ones too) and gradients of inputs and parameters within 1e-4 of a float64 run."""
+    wide = [x.double().requires_grad_() for x in inputs]
+    params64 = {k: p.detach().double().requires_grad_() for k, p in model.named_parameters()}
+    want = _leaves(torch.func.functional_call(model, params64, tuple(wide)))
+    mine = [x.clone().requires_grad_() for x in inputs]
+    got = _leaves(opt(*mine))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype in (torch.float32, torch.complex64) and _rel(g, w) < 1e-4
+    cotangents = [torch.randn_like(w) for w in want]
+    want_grads = torch.autograd.grad(want, wide + list(params64.values()), cotangents)
+    got_grads = torch.autograd.grad(got, mine + list(model.parameters()), [c.to(g.dtype) for c, g in
+                                                                             zip(cotangents, got)])  # fmt: skip
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert _rel(g, w) < 1e-4
+
+
+def _applied(opt, sites: int = 1):
+    rep = fxfuse.report(opt)
+    assert rep.count("ssm_scan") == sites, str(rep)
+    applied = [r for r in rep.rewrites if r.status == "applied"]
+    assert all(r.max_rel_err is not None and r.max_rel_err < 1e-5 for r in applied), str(rep)
+    return applied
+
+
+@pytest.mark.parametrize("length", [16, 33])
+def test_complex_lru_rerolled_and_verified(length):
+    model, inputs = make_complex_lru(length)
+    opt = fxfuse.optimize(model.train(), inputs)
+    (site,) = _applied(opt)
+    assert site.variant == (f"{length} steps → 1 scan, LTI, complex state, input terms hoisted, final state, "
+                            "4-op readout, time dim 1")  # fmt: skip
+    _check_against_float64(model, inputs, opt)
+
+
+@pytest.mark.parametrize("length", [16, 33])
+def test_split_lru_rerolled_and_verified(length):
+    model, inputs = make_split_lru(length)
+    opt = fxfuse.optimize(model.train(), inputs)
+    (site,) = _applied(opt)
+    assert site.variant.startswith(f"{length} steps → 1 scan, LTI, complex state (real/imaginary split), input "
+                                   "terms hoisted, final state")  # fmt: skip
+    _check_against_float64(model, inputs, opt)
+
+
+def test_every_layer_of_an_lru_stack_applied():
+    model, inputs = make_lru_stack(16)
+    opt = fxfuse.optimize(model.train(), inputs)
+    sites = _applied(opt, 2)
+    assert all("complex state" in s.variant and "final state" not in s.variant for s in sites)
+    _check_against_float64(model, inputs, opt)
+
+
+def test_complex_graph_has_no_step_left():
+    from fxfuse.passes.capture import capture_graphs
+    from fxfuse.passes.rewrite import rewrite_patterns
+
+    model, inputs = make_complex_lru(24)
+    ((gm, _),) = capture_graphs(model, inputs)
+    before = len(gm.graph.nodes)
+    gm, rewrites, _ = rewrite_patterns(gm, ["ssm_scan"], "auto")
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert [r.status for r in rewrites] == ["applied"]
+    assert targets.count("fxfuse.complex_scan.default") == 1
+    # the 24 input projections, state updates and readouts are gone: the three matmuls run once each
+    assert targets.count("aten.matmul.default") == 3 and "aten.mul.Tensor" in targets
+    assert before > 200 and len(gm.graph.nodes) < 50
+
+
+# --- the op against a float64 loop -----------------------------------------------------------------
+
+
+def _loop64(a, x, h0):
+    lam, xs = torch.view_as_complex(a.double()), torch.view_as_complex(x.double())
+    h = torch.view_as_complex(h0.double()) if h0 is not None else torch.zeros_like(lam)
+    hs = []
+    for t in range(xs.shape[0]):
+        h = lam * h + xs[t]
+        hs.append(h)
+    return torch.view_as_real(torch.stack(hs))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "zeros"])
+def test_complex_scan_op_matches_float64_loop(backend, with_h0):
+    torch.manual_seed(0)
+    channels, length = 300, 33  # more than one 256-channel block of the C kernel
+    a = torch.view_as_real(torch.polar(0.3 + 0.69 * torch.rand(channels), 6.28 * torch.rand(channels)))
+    a, x = a.requires_grad_(), torch.randn(length, channels, 2, requires_grad=True)
+    h0 = torch.randn(channels, 2, requires_grad=True) if with_h0 else None
+    leaves = [t for t in (a, x, h0) if t is not None]
+    wide = [t.detach().double().requires_grad_() for t in leaves]
+    got = complex_scan(a, x, h0, backend)
+    want = _loop64(*wide, *([] if with_h0 else [None]))
+    assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
+    gy = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, leaves, gy.float())
+    want_grads = torch.autograd.grad(want, wide, gy)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert _rel(g, w) < 1e-5
+
+
+def test_complex_scan_opcheck():
+    a = torch.view_as_real(torch.polar(torch.rand(5) * 0.9, torch.rand(5) * 6)).requires_grad_()
+    x, h0 = torch.randn(7, 5, 2, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    torch.library.opcheck(torch.ops.fxfuse.complex_scan.default, (a, x, h0, "cpu"))
+
+
+def test_complex_scan_bad_shapes_raise():
+    with pytest.raises(ValueError, match=r"expected \[L, 4, 2\]"):
+        complex_scan(torch.zeros(4, 2), torch.zeros(3, 5, 2))
+
+
+# --- near misses: each left alone (numbers unchanged), with the reason in the report ----------------
+
+
+def nonlinear_step(self, x, lam, B, C):
+    h, ys = torch.zeros(x.shape[0], 8, dtype=B.dtype), []
+    for t in range(x.shape[1]):
+        h = lam * torch.tanh(h) + x[:, t].to(B.dtype) @ B.T
+        ys.append((h @ C.T).real)
+    return torch.stack(ys, 1)
+
+
+def decay_from_input(self, x, lam, B, C):
+    h, ys = torch.zeros(x.shape[0], 8, dtype=B.dtype), []
+    for t in range(x.shape[1]):
+        lam_t = torch.exp((x[:, t] @ self.D).to(B.dtype) * lam)  # input-dependent complex decay
+        h = lam_t * h + x[:, t].to(B.dtype) @ B.T
+        ys.append((h @ C.T).real)
+    return torch.stack(ys, 1)
+
+
+def state_read_mid_loop(self, x, lam, B, C):
+    h, ys = torch.zeros(x.shape[0], 8, dtype=B.dtype), []
+    for t in range(x.shape[1]):
+        h = lam * h + x[:, t].to(B.dtype) @ B.T
+        ys.append((h @ C.T).real)
+        if t == 2:
+            probe = h.abs().sum()
+    return torch.stack(ys, 1) * probe
+
+
+def readout_of_previous_state(self, x, lam, B, C):
+    h, ys = torch.zeros(x.shape[0], 8, dtype=B.dtype), []
+    for t in range(x.shape[1]):
+        new = lam * h + x[:, t].to(B.dtype) @ B.T
+        ys.append(((h + new) @ C.T).real)  # y_t reads h_t and h_{t-1}
+        h = new
+    return torch.stack(ys, 1)
+
+
+def split_wrong_cross_sign(self, x, lam, B, C):
+    a_re, a_im, u = lam.real, lam.imag, x @ B.real.T
+    h_re = h_im = x.new_zeros(x.shape[0], 8)
+    ys = []
+    for t in range(x.shape[1]):
+        h_re, h_im = a_re * h_re + a_im * h_im + u[:, t], a_re * h_im + a_im * h_re + u[:, t]  # not λ·h
+        ys.append(h_re @ C.real.T - h_im @ C.imag.T)
+    return torch.stack(ys, 1)
+
+
+def split_nonlinear(self, x, lam, B, C):
+    a_re, a_im, u = lam.real, lam.imag, x @ B.real.T
+    h_re = h_im = x.new_zeros(x.shape[0], 8)
+    ys = []
+    for t in range(x.shape[1]):
+        h_re, h_im = a_re * h_re - a_im * torch.tanh(h_im) + u[:, t], a_re * h_im + a_im * h_re + u[:, t]
+        ys.append(h_re @ C.real.T - h_im @ C.imag.T)
+    return torch.stack(ys, 1)
+
+
+NEAR_MISSES = {
+    "nonlinear-step": (nonlinear_step, "complex state", "not λ * h + b"),
+    "decay-from-input": (decay_from_input, "complex state", "not λ * h + b"),
+    "state-read-mid-loop": (state_read_mid_loop, "complex state", "also used by"),
+    "readout-of-previous-state": (readout_of_previous_state, "complex state", "another step"),
+    "split-wrong-cross-sign": (split_wrong_cross_sign, "two carried values", "not updated as a complex multiply"),
+    "split-nonlinear": (split_nonlinear, "two carried values", "enters the state update"),
+}
+
+
+class Loop(ComplexLRU):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.D = nn.Parameter(torch.randn(6, 1) / 3)
+
+    def forward(self, x):
+        lam = torch.exp(-torch.exp(self.nu_log) + 1j * torch.exp(self.theta_log))
+        return self.fn(self, x, lam, torch.complex(self.B_re, self.B_im), torch.complex(self.C_re, self.C_im))
+
+
+@pytest.mark.parametrize("name", list(NEAR_MISSES))
+def test_complex_near_miss_left_alone(name):
+    fn, variant, reason = NEAR_MISSES[name]
+    torch.manual_seed(0)
+    model, inputs = Loop(fn).eval(), (torch.randn(2, 5, 6),)
+    opt = fxfuse.optimize(model, inputs, patterns=["ssm_scan"])
+    rep = fxfuse.report(opt)
+    assert rep.count("ssm_scan") == 0, str(rep)
+    rejected = rep.rejected("ssm_scan")
+    assert len(rejected) == 1 and variant in rejected[0].variant and reason in rejected[0].reason, str(rep)
+    with torch.no_grad():
+        assert torch.equal(opt(*inputs), model(*inputs))
