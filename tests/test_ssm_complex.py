@@ -58,6 +58,29 @@ def test_lru_rerolled_and_verified(spelling, length):
     _check_against_float64(model, inputs, opt)
 
 
+class VectorLRU(ComplexLRU):
+    """One unbatched sequence x [L, d_in], iterated step by step as many LRU ports do: B @ x_t, C @ h."""
+
+    def forward(self, x):
+        lam = torch.exp(-torch.exp(self.nu_log) + 1j * torch.exp(self.theta_log))
+        B, C = torch.complex(self.B_re, self.B_im), torch.complex(self.C_re, self.C_im)
+        gammas = torch.exp(self.gamma_log)
+        h, ys = torch.zeros(lam.shape[0], dtype=lam.dtype), []
+        for step in x:
+            h = lam * h + gammas * (B @ step.to(B.dtype))
+            ys.append((C @ h).real + self.D @ step)
+        return torch.stack(ys)
+
+
+def test_unbatched_lru_with_left_matmuls_rerolled_and_verified():
+    torch.manual_seed(0)
+    model, inputs = VectorLRU(), (torch.randn(16, 6),)
+    opt = fxfuse.optimize(model.train(), inputs)
+    (site,) = _applied(opt)
+    assert site.variant.startswith("16 steps → 1 scan, LTI, complex state, input terms hoisted, 4-op readout")
+    _check_against_float64(model, inputs, opt)
+
+
 def test_every_layer_of_an_lru_stack_applied():
     model, inputs = make_lru_stack(12)
     opt = fxfuse.optimize(model.train(), inputs)

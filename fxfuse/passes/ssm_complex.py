@@ -91,6 +91,11 @@ def _seeded(node: Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
 
 
+def _left_matmul(op: Node, x: Node) -> bool:
+    """W @ x_t with a loop-invariant W (`C @ h`): over all steps, W @ xs (xs [L, n, ...]) or xs @ Wᵀ (x_t [n])."""
+    return op.target in (aten.matmul.default, aten.mm.default) and op.args[1] is x and op.args[0] is not x
+
+
 def _plan(ops: list[Node], roots: set[Node], inside: set[Node], time_index) -> dict[Node, str]:
     """How each op of step 1 runs once over all steps (time leading): "root" (a state, given), "select"
     (step t of a loop invariant), "invariant" (the same value in every step: computed once), "batched"
@@ -115,7 +120,11 @@ def _plan(ops: list[Node], roots: set[Node], inside: set[Node], time_index) -> d
                 raise NotAScan(f"{op.name} draws random numbers in every step")
             kind[op] = "invariant"
             continue
-        if len(movable) == 1:
+        if len(movable) == 1 and _left_matmul(op, movable[0]):
+            w, r = len(shape(op.args[0])), rank[movable[0]]
+            if not ((r == 1 and w == 2) or 2 <= w <= r):
+                raise NotAScan(f"the matmul {op.name} does not run over all steps at once")
+        elif len(movable) == 1:
             if not (op.target in _UNARY and op.args[0] is movable[0]):
                 _check_batchable(op, movable[0])
         elif op.target not in _BINARY or op.kwargs or len({rank[a] for a in movable}) != 1:
@@ -134,7 +143,10 @@ def _run(graph: Graph, ops: list[Node], kind: dict[Node, str], env: dict) -> dic
             env[op] = graph.call_function(aten.movedim.int, (env[op.args[0]], op.args[1], 0))
             continue
         movable = [a for a in op.all_input_nodes if kind.get(a) in _BATCHED]
-        if len(movable) == 1:
+        if len(movable) == 1 and _left_matmul(op, movable[0]) and len(shape(movable[0])) == 1:
+            w = graph.call_function(aten.transpose.int, (env[op.args[0]], 0, 1))  # W @ v_t = v_t @ Wᵀ
+            env[op] = graph.call_function(aten.matmul.default, (env[movable[0]], w))
+        elif len(movable) == 1:
             env[op] = _replay(graph, op, movable[0], env[movable[0]], env)
         else:
             env[op] = graph.call_function(op.target, mapped(op.args), mapped(op.kwargs))
