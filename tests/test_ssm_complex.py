@@ -241,3 +241,18 @@ def test_complex_near_miss_left_alone(name):
     assert len(rejected) == 1 and variant in rejected[0].variant and reason in rejected[0].reason, str(rep)
     with torch.no_grad():
         assert torch.equal(opt(*inputs), model(*inputs))
+
+
+def test_split_lru_exports_to_onnx_as_unrolled_steps(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxfuse.onnx.check import run_onnx, tensor_leaves
+    from fxfuse.passes.verify import compare
+
+    model, inputs = make_split_lru(8)
+    result = fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert result.report.count("ssm_scan") == 1 and len(result.sites) == 1
+    assert result.sites[0].op == "complex_scan" and "8 steps" in result.sites[0].lowered_as
+    with torch.no_grad():
+        want = tensor_leaves(model(*inputs))
+    check = compare(run_onnx(str(tmp_path / "m.onnx"), inputs), want, 1e-4)
+    assert check.ok, check.reason
