@@ -381,7 +381,7 @@ def _backend_name(backend: str, anchor: Node) -> str:
 
         problem = cpu_kernel_problem()
         return "cpu" if problem is None else f"reference ({problem})"
-    return "reference" if name == "reference" else "reference (no Triton kernel for complex_scan yet)"
+    return name
 
 
 def _site(loop: Loop, found: dict, backend: str, carried: list[int]) -> Site:

@@ -20,7 +20,7 @@ def complex_scan(a: Tensor, x: Tensor, h0: Tensor | None = None, backend: str = 
     a [C, 2] (the decay per channel, constant over time); x [L, C, 2]; h0 [C, 2] or None (zeros).
     Returns hs [L, C, 2] in float32 (float64 for float64 inputs); the final state is hs[-1]. Complex
     tensors go in and out through `torch.view_as_real` / `torch.view_as_complex` without a copy.
-    backend: "auto", "cpu" or "reference" ("triton" runs the reference: there is no Triton kernel yet).
+    backend: "auto" (CUDA -> Triton, CPU -> C kernel), "triton", "cpu" or "reference".
     Gradients flow to a, x and h0.
     """
     check_inputs(a, x, h0)

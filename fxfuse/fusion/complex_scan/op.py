@@ -30,16 +30,17 @@ def check_inputs(a: Tensor, x: Tensor, h0: Tensor | None) -> None:
 
 
 def complex_scan_backend(backend: str, *tensors: Tensor | None) -> str:
-    """Which implementation runs for these inputs: "cpu" or "reference" (no Triton kernel yet: CUDA
-    tensors run the reference)."""
+    """Which implementation runs for these inputs: "triton", "cpu" or "reference"."""
     check_backend(backend)
     real = [t for t in tensors if t is not None]
     name = resolve(backend, real[0].device)
-    if name != "cpu" or any(t.dtype not in _FAST_DTYPES for t in real) or real[0].numel() == 0:
+    if name == "reference" or any(t.dtype not in _FAST_DTYPES for t in real) or real[0].numel() == 0:
         return "reference"
-    from fxfuse.backends.cpu.complex_scan import cpu_kernel_problem
+    if name == "cpu":
+        from fxfuse.backends.cpu.complex_scan import cpu_kernel_problem
 
-    return "cpu" if cpu_kernel_problem() is None else "reference"
+        return "cpu" if cpu_kernel_problem() is None else "reference"
+    return name
 
 
 @torch.library.custom_op("fxfuse::complex_scan", mutates_args=())
@@ -51,6 +52,10 @@ def complex_scan_op(a: Tensor, x: Tensor, h0: Tensor | None, backend: str) -> Te
         from fxfuse.backends.cpu.complex_scan import complex_scan_cpu
 
         return complex_scan_cpu(a, x, h0)
+    if name == "triton":
+        from fxfuse.backends.triton.complex_scan import complex_scan_triton
+
+        return complex_scan_triton(a, x, h0)
     return complex_scan_reference(a, x, h0).contiguous()
 
 
