@@ -35,7 +35,8 @@ from fxfuse.passes.reroll import (
 )
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_labels import NotAScan, shape
-from fxfuse.passes.ssm_lti import _check_batchable, _reads, _replay, decay
+from fxfuse.passes.ssm_lti import _check_batchable, _reads, _replay
+from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
 _UNARY = (aten.real.default, aten.imag.default, aten.neg.default, aten.conj.default, aten._conj.default,
@@ -199,6 +200,19 @@ def _linear(node: Node, prevs: tuple[Node, Node], within: set[Node], seen: set[N
     return out
 
 
+def _complex_update(h: Node, h_prev: Node, within: set[Node]) -> tuple[Node, Node]:
+    """h = λ * h_prev + b (any operand order) -> (λ, b); NotAScan otherwise or when λ reads the state."""
+    if h.target is aten.add.Tensor and len(h.args) == 2 and h.kwargs.get("alpha", 1) == 1:
+        for prod, b in (h.args, h.args[::-1]):
+            if isinstance(prod, Node) and prod.target is aten.mul.Tensor and isinstance(b, Node):
+                for lam, hp in (prod.args, prod.args[::-1]):
+                    if hp is h_prev and isinstance(lam, Node):
+                        if _reads(lam, h_prev, within):
+                            raise NotAScan(f"the decay {lam.name} reads the state (a gated, nonlinear recurrence)")
+                        return lam, b
+    raise NotAScan(f"the complex state update {h.name} ({h.target}) is not λ * h + b")
+
+
 def _split_update(h_p: Node, h_q: Node, prevs: tuple[Node, Node], within: set[Node], seen: set[Node]):
     """(α, β, sign of β in λ, u_p, u_q) for h_p = α·p − β·q + u_p, h_q = α·q + β·p + u_q (sign +1; the
     conjugate signs give -1)."""
@@ -228,14 +242,19 @@ def analyze_complex(loop: Loop, time_index, second: tuple[int, Node] | None = No
     h, h_prev = body[loop.carried], loop.bodies[0][loop.carried]
     state = shape(h)
     update: set[Node] = set()
+    lam_ops: list[Node] = []
     if second is None:
-        found = decay(loop)
-        if found is None:
-            raise NotAScan("the complex state update is not λ * h + b with λ computed before the loop")
-        lam, b = found
+        lam, b = _complex_update(h, h_prev, within)
         if b in within and _reads(b, h_prev, within):
             raise NotAScan("the input term reads the state (a nonlinear recurrence)")
         update = {h, next(a for a in h.args if a is not b)}
+        if lam in within:  # recomputed in every step from loop invariants only: computed once
+            lam_ops = [n for n in body if n in _upstream(lam, within, set())]
+            if any(time_index(n) is not None for n in lam_ops) or any(
+                k != "invariant" for k in _plan(lam_ops, set(), inside, time_index).values()
+            ):
+                raise NotAScan(f"the decay {lam.name} changes from step to step (an input-dependent, selective decay)")
+            update |= set(lam_ops)
         decays, roots, terms, inits = [lam], [h], [b], [loop.init]
     else:
         pos, init2 = second
@@ -262,7 +281,7 @@ def analyze_complex(loop: Loop, time_index, second: tuple[int, Node] | None = No
     if extra:
         raise NotAScan(f"the step also computes {extra[0].name} ({extra[0].target}), which the scan does not")
     dim = loop.anchor.args[1] if len(loop.anchor.args) > 1 else loop.anchor.kwargs.get("dim", 0)
-    return {"decays": decays, "sign": 1 if second is None else sign, "roots": roots, "terms": terms,
+    return {"decays": decays, "lam_ops": lam_ops, "sign": 1 if second is None else sign, "roots": roots, "terms": terms,
             "inits": inits, "readout": readout, "readout_kind": readout_kind, "hoisted": hoisted,
             "state": state, "dim": dim % (len(shape(out)) + 1), "split": second is not None}  # fmt: skip
 
@@ -278,11 +297,16 @@ def _pairs(graph: Graph, x: Node, like: Node) -> Node:
     return _call(graph, aten.stack.default, [x, _call(graph, aten.zeros_like.default, x)], -1)
 
 
-def _decay_gen(decays: list[Node], inputs: list[Node]) -> Callable:
-    """Verification inputs with |λ| < 1, as trained LRUs keep it: a growing state overflows the original."""
-    index = {inputs.index(d) for d in decays}
+def _decay_gen(decays: list[Node], inputs: list[Node], decay_leaves: list[Node]) -> Callable:
+    """Verification inputs with |λ| < 1, as trained LRUs keep it: a growing state overflows the original.
+    What a decay computed in the loop reads is drawn at normal magnitude in every case (x100 would make
+    exp(-exp(ν) + i·exp(θ)) meaningless in the original itself)."""
+    index = {inputs.index(d) for d in decays if d in inputs}
+    leaves = {inputs.index(d) for d in decay_leaves}
 
     def gen(i: int, val: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
+        if i in leaves:
+            return random_like(val, "normal", seed + 97 * i)
         if i not in index:
             return None
         gen = torch.Generator().manual_seed(seed + 31 * i)
@@ -307,10 +331,12 @@ def complex_site_parts(loop: Loop, found: dict, backend: str):
     stacked_terms = [t for t in terms if t in within] if hoisted is None else []
     positions = [loop.bodies[1].index(t) for t in stacked_terms]
     per_step = [body[k] for k in positions for body in loop.bodies]
-    inputs = [*decays, *inits, *per_step, *_invariants(readout, kind, set())]
+    lam_ops = found["lam_ops"]
+    lam_kind = dict.fromkeys(lam_ops, "invariant")
+    inputs = [*(d for d in decays if d not in within), *_invariants(lam_ops, lam_kind, set()), *inits, *per_step]
+    inputs += [*_invariants(readout, kind, set()), *(t for t in terms if t not in within)]
     if hoisted is not None:
         inputs += _invariants(*hoisted, set())
-        inputs += [t for t in terms if t not in within]
     inputs = list(dict.fromkeys(inputs))
     state, length = found["state"], loop.length
     numel = 1
@@ -332,7 +358,7 @@ def complex_site_parts(loop: Loop, found: dict, backend: str):
     def emit(graph: Graph, nodes: list[Node], finals: list[int]) -> Node | list[Node]:
         import fxfuse.fusion.complex_scan  # noqa: F401  registers torch.ops.fxfuse.complex_scan
 
-        env = dict(zip(inputs, nodes))
+        env = _run(graph, lam_ops, lam_kind, dict(zip(inputs, nodes)))
         if hoisted is not None:
             env = _run(graph, hoisted[0], hoisted[1], env)
         if found["split"]:
@@ -369,7 +395,7 @@ def complex_site_parts(loop: Loop, found: dict, backend: str):
             return y
         return [y, *(_call(graph, aten.select.int, states[j], 0, length - 1) for j in finals)]
 
-    return inputs, emit, _decay_gen(decays, inputs)
+    return inputs, emit, _decay_gen(decays, inputs, _invariants(lam_ops, lam_kind, set()))
 
 
 def _backend_name(backend: str, anchor: Node) -> str:
