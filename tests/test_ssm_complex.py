@@ -104,8 +104,35 @@ def test_decay_recomputed_in_the_loop_rerolled_and_verified():
     _check_against_float64(model, inputs, opt)
 
 
+class ConjugateSplitLRU(nn.Module):
+    """The split written with the conjugate's signs (λ = α − iβ), sums regrouped, the initial state given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.rand(8) * 0.6), nn.Parameter(torch.rand(8) * 0.6)
+        self.B, self.C = nn.Parameter(torch.randn(8, 6) / 3), nn.Parameter(torch.randn(5, 8) / 3)
+
+    def forward(self, x, h_re, h_im):
+        ys = []
+        for t in range(x.shape[1]):
+            u = x[:, t] @ self.B.T
+            h_re, h_im = (u + self.alpha * h_re) + self.beta * h_im, self.alpha * h_im - self.beta * h_re + 2 * u
+            ys.append(h_re @ self.C.T + h_im @ self.C.T)
+        return torch.stack(ys)
+
+
+def test_conjugate_split_rerolled_and_verified():
+    torch.manual_seed(0)
+    model, inputs = ConjugateSplitLRU(), (torch.randn(2, 5, 6), torch.randn(2, 8), torch.randn(2, 8))
+    opt = fxfuse.optimize(model.train(), inputs)
+    (site,) = _applied(opt)
+    assert site.variant.startswith("5 steps → 1 scan, LTI, complex state (real/imaginary split), input terms hoisted, "
+                                   "initial state")  # fmt: skip
+    _check_against_float64(model, inputs, opt)
+
+
 def test_every_layer_of_an_lru_stack_applied():
-    model, inputs = make_lru_stack(12)
+    model, inputs = make_lru_stack(8)
     opt = fxfuse.optimize(model.train(), inputs)
     sites = _applied(opt, 2)
     assert all("complex state" in s.variant and "final state" not in s.variant for s in sites)

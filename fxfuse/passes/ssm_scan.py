@@ -11,7 +11,9 @@ The rule, on one screen:
   never materialized;
 - the initial state is zeros or an input; the final state, when something after the loop reads it, is
   the op's second output;
-- a decay computed before the loop (an LTI recurrence: LRU, S4D) goes to `passes/ssm_lti.py` instead.
+- a decay computed before the loop (an LTI recurrence: LRU, S4D) goes to `passes/ssm_lti.py` instead, a
+  complex state (torch complex tensors, or two carried real tensors updated as a complex multiply) to
+  `passes/ssm_complex.py`.
 Left alone, with the reason in the report: nonlinear cells (tanh, sigmoid), bodies that differ across
 steps, dependence on two previous steps, several carried values, per-step inputs computed inside the loop,
 decays that are not exp of a (channel, state) × (batch, channel, time) product, and states read mid-loop.
