@@ -13,6 +13,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class FusedOp:
+    """A further fused op of a family (the SSM family's `fxfuse::complex_scan`): the fields as in `Family`."""
+
+    op: str
+    fusion: str
+    onnx_check: str | None = None
+    onnx_translate: str | None = None
+
+    @property
+    def op_name(self) -> str:
+        return self.op.split("::", 1)[1]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # what users pass to `patterns=` and `Report.count`
     title: str  # how the report names it ("linear attention")
@@ -21,6 +35,12 @@ class Family:
     fusion: str  # the module whose import registers the op
     onnx_check: str | None = None  # "module:function": check(node) -> how it lowers, or raises ValueError
     onnx_translate: str | None = None  # "module:function": the torch.onnx custom translation
+    more_ops: tuple[FusedOp, ...] = ()  # further ops its sites may emit
+
+    @property
+    def ops(self) -> tuple[Family | FusedOp, ...]:
+        """The family's own op, then its further ones (each with op, op_name, fusion and the ONNX pair)."""
+        return (self, *self.more_ops)
 
     @property
     def op_name(self) -> str:
@@ -42,7 +62,10 @@ FAMILIES: dict[str, Family] = {
                "fxfuse.onnx.linear_attention:linear_attention_to_onnx"),
         Family("ssm_scan", "ssm scan", "fxfuse.passes.ssm_scan:find_ssm_scan", "fxfuse::selective_scan",
                "fxfuse.fusion.ssm_scan", "fxfuse.onnx.ssm_scan:check_selective_scan",
-               "fxfuse.onnx.ssm_scan:selective_scan_to_onnx"),
+               "fxfuse.onnx.ssm_scan:selective_scan_to_onnx",
+               (FusedOp("fxfuse::complex_scan", "fxfuse.fusion.complex_scan",
+                        "fxfuse.onnx.complex_scan:check_complex_scan",
+                        "fxfuse.onnx.complex_scan:complex_scan_to_onnx"),)),
     )
 }  # fmt: skip
 

@@ -30,11 +30,12 @@ class Lowering:
 def _lowerings() -> dict[str, Lowering]:
     """Fused op name -> its lowering, for every registered family that has one."""
     table = {}
-    for fam in families.FAMILIES.values():
-        if fam.onnx_check is None or fam.onnx_translate is None:
+    for fused in (op for fam in families.FAMILIES.values() for op in fam.ops):
+        if fused.onnx_check is None or fused.onnx_translate is None:
             continue
-        importlib.import_module(fam.fusion)  # registers torch.ops.fxfuse.<op>
-        table[fam.op] = Lowering(fam.op_name, families.load(fam.onnx_check), families.load(fam.onnx_translate))
+        importlib.import_module(fused.fusion)  # registers torch.ops.fxfuse.<op>
+        table[fused.op] = Lowering(fused.op_name, families.load(fused.onnx_check),
+                                   families.load(fused.onnx_translate))  # fmt: skip
     return table
 
 

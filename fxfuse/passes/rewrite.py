@@ -23,6 +23,7 @@ from fxfuse.passes.verify import (
     random_like,
     run_cases,
     tolerance,
+    widen,
     without_dropout,
 )
 from fxfuse.report import Rewrite
@@ -102,7 +103,8 @@ def differentiated(gm: GraphModule) -> set[Node]:
         if node.op != "call_function" or not any(a in marked for a in node.all_input_nodes):
             continue
         val = node.meta.get("val")
-        if not (isinstance(val, torch.Tensor) and not val.is_floating_point()) and "detach" not in str(node.target):
+        discrete = isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex())
+        if not discrete and "detach" not in str(node.target):
             marked.add(node)
     return marked
 
@@ -279,8 +281,7 @@ def check_whole_graph(
             return check
         try:
             torch.manual_seed(0)
-            wide = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                    for x in clone(example_inputs)]  # fmt: skip
+            wide = [widen(x) for x in clone(example_inputs)]
             truth = float64_copy(original)(*wide)
         except Exception:
             return check  # no float64 run (an op without a double kernel): agreement decides

@@ -11,7 +11,9 @@ The rule, on one screen:
   never materialized;
 - the initial state is zeros or an input; the final state, when something after the loop reads it, is
   the op's second output;
-- a decay computed before the loop (an LTI recurrence: LRU, S4D) goes to `passes/ssm_lti.py` instead.
+- a decay computed before the loop (an LTI recurrence: LRU, S4D) goes to `passes/ssm_lti.py` instead, a
+  complex state (torch complex tensors, or two carried real tensors updated as a complex multiply) to
+  `passes/ssm_complex.py`.
 Left alone, with the reason in the report: nonlinear cells (tanh, sigmoid), bodies that differ across
 steps, dependence on two previous steps, several carried values, per-step inputs computed inside the loop,
 decays that are not exp of a (channel, state) × (batch, channel, time) product, and states read mid-loop.
@@ -27,6 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 from fxfuse.backends import resolve
 from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
+from fxfuse.passes.ssm_complex import complex_state, match_complex, match_split
 from fxfuse.passes.ssm_labels import (
     PASS_THROUGH,
     NotAScan,
@@ -298,9 +301,13 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     try:
         loop = find_loop(anchor)
     except NotALoop as exc:
+        if str(exc).startswith("the steps carry 2 values"):  # a complex state split into real and imaginary
+            return match_split(anchor, _time_index, backend)
         recurrent = chained(per_step_outputs(anchor)[0])
         return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
     variant = f"{loop.length} steps"
+    if complex_state(loop):
+        return match_complex(loop, _time_index(loop), backend)
     try:
         if decay(loop) is not None:
             return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)

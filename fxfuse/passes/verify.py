@@ -38,9 +38,13 @@ def random_like(val: torch.Tensor, case: str, seed: int) -> torch.Tensor:
     if dtype == torch.bool:
         out = torch.rand(shape, generator=gen) < 0.5
     elif dtype.is_floating_point or dtype.is_complex:
-        out = torch.randn(shape, generator=gen, dtype=torch.float64)
+        out = torch.randn(shape, generator=gen, dtype=torch.complex128 if dtype.is_complex else torch.float64)
         scale = _HALF_LARGE if case == "large" and dtype in (torch.float16, torch.bfloat16) else _SCALE.get(case, 1.0)
-        out = -out.abs() if case == "negative" else out * scale
+        if case == "negative":  # complex: both parts negative
+            out = -torch.view_as_real(out).abs() if dtype.is_complex else -out.abs()
+            out = torch.view_as_complex(out) if dtype.is_complex else out
+        else:
+            out = out * scale
         out = out.to(dtype)
     else:
         out = torch.randint(0, 4, shape, generator=gen).to(dtype)
@@ -86,6 +90,8 @@ def compare(got: object, want: object, rtol: float) -> Comparison:
         return Comparison(False, float("inf"), f"shape {getattr(got, 'shape', None)} != {tuple(want.shape)}")
     if got.dtype != want.dtype:
         return Comparison(False, float("inf"), f"dtype {got.dtype} != {want.dtype}")
+    if want.dtype.is_complex:  # judged as (real, imaginary) pairs
+        got, want = torch.view_as_real(got.resolve_conj()), torch.view_as_real(want.resolve_conj())
     if not want.dtype.is_floating_point:
         same = torch.equal(got, want)
         return Comparison(same, 0.0 if same else float("inf"), "" if same else "integer outputs differ")
@@ -118,7 +124,8 @@ GRAD_CASES: tuple[tuple[str, int], ...] = (("normal", 0), ("negative", 4))
 def float64_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`gm` with every floating dtype argument (`.to(float16)`, `softmax(..., dtype=float32)`) made float64,
     so that inputs upcast to float64 stay float64 throughout: the truth a region is judged against."""
-    wide = lambda a: torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a  # noqa: E731
+    wide = lambda a: (torch.float64 if a.is_floating_point else torch.complex128 if a.is_complex else a) \
+        if isinstance(a, torch.dtype) else a  # noqa: E731
     graph = torch.fx.Graph()
     env: dict = {}
     for node in gm.graph.nodes:
@@ -128,8 +135,21 @@ def float64_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
+def widen(x: object) -> object:
+    """A floating tensor as float64, a complex one as complex128; anything else as it is."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.double()
+    return x.to(torch.complex128) if isinstance(x, torch.Tensor) and x.is_complex() else x
+
+
 def _upcast(xs: Sequence[object]) -> list[object]:
-    return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
+    return [widen(x) for x in xs]
+
+
+def _real_leaves(out: object) -> list[object]:
+    """The leaves of `out`, complex tensors as their (real, imaginary) pairs (`torch.view_as_real`)."""
+    real = lambda t: torch.view_as_real(t.resolve_conj()) if isinstance(t, torch.Tensor) and t.is_complex() else t  # noqa: E731
+    return [real(t) for t in torch.utils._pytree.tree_leaves(out)]
 
 
 def _clones(xs: Sequence[object]) -> list[object]:
@@ -165,9 +185,8 @@ def judge(got: object, want: object, truth: object, rtol: float, what: str = "",
     exact = compare(*((got, want) if exact_nan else (_finite_or_zero(got), _finite_or_zero(want))), float("inf"))
     if not exact.ok:
         return Comparison(False, float("inf"), f"{what}: {exact.reason}" if what else exact.reason)
-    tree = torch.utils._pytree
-    gots, wants = tree.tree_leaves(got), tree.tree_leaves(want)
-    truths = tree.tree_leaves(truth) if truth is not None else wants
+    gots, wants = _real_leaves(got), _real_leaves(want)
+    truths = _real_leaves(truth) if truth is not None else wants
     if len(truths) != len(wants):
         truths = wants  # a float64 run that returns another structure tells nothing; judge on the original
     worst = Comparison(True, 0.0, original_rel_err=0.0, tolerance=rtol)
@@ -220,7 +239,7 @@ def run_cases(
         inputs = make_inputs(case, seed)
         marked = [] if (case, seed) not in grad_cases else [
             i for i, (x, g) in enumerate(zip(inputs, grad_inputs))
-            if g and isinstance(x, torch.Tensor) and x.is_floating_point()
+            if g and isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
         ]  # fmt: skip
         want = _forward(original, inputs, marked)
         try:
@@ -258,7 +277,8 @@ def _forward(fn: Callable, inputs: Sequence[object], marked: Sequence[int]) -> t
 
 
 def _float_leaves(out: object) -> list[torch.Tensor]:
-    return [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return [o for o in torch.utils._pytree.tree_leaves(out)
+            if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())]
 
 
 def _vjp(run: tuple[list, object], marked: Sequence[int], cotangents: Sequence[torch.Tensor]) -> list:
@@ -285,7 +305,8 @@ def _judge_gradients(want: tuple, got: tuple, exact: tuple | None, marked: Seque
     judged on the entries finite on every side; NaN placement is exact where the forward is finite."""
     outs = _float_leaves(want[1])
     gen = torch.Generator().manual_seed(10_000 + seed)
-    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+    cots = [torch.randn(o.shape, generator=gen, dtype=torch.complex128 if o.is_complex() else torch.float64).to(o.dtype)
+            for o in outs]  # fmt: skip
     finite = all(bool(torch.isfinite(o).all()) for o in outs)
     cots = [c.masked_fill(~torch.isfinite(o.detach()), 0.0) for c, o in zip(cots, outs)]
     want_grads = _vjp(want, marked, cots)
