@@ -58,14 +58,26 @@ def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
     return mode, eps
 
 
+def _divided(node: Node) -> list[tuple[Node, Node]]:
+    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x
+    (`1 / den` reaches the graph as reciprocal(den))."""
+    if is_call(node, aten.div.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
+        return [(node.args[0], node.args[1])]
+    if not is_call(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
+        return []
+    a, b = node.args[:2]
+    return [(x, r.args[0]) for x, r in ((a, b), (b, a)) if is_call(r, aten.reciprocal.default)]
+
+
 def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
-    """(scores, normalize, eps) for W = S / rowsum(S)..., (W, "none", 0) for anything else."""
-    if is_call(w, aten.div.Tensor) and isinstance(w.args[1], Node):
-        found = _row_sum_of(w.args[1], w.args[0])
+    """(scores, normalize, eps) for W = S / rowsum(S)... or S * (1 / rowsum(S)...), (W, "none", 0) for
+    anything else."""
+    for x, den in _divided(w):
+        found = _row_sum_of(den, x)
         if isinstance(found, str):
             return found
         if found is not None:
-            return w.args[0], *found
+            return x, *found
     return w, "none", 0.0
 
 
@@ -256,10 +268,11 @@ def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | Non
     if len(out.users) != 1:
         return None
     user = next(iter(out.users))
-    if not is_call(user, aten.div.Tensor) or user.args[0] is not out or not isinstance(user.args[1], Node):
-        return None
-    found = _row_sum_of(user.args[1], scores)
-    return (user, *found) if isinstance(found, tuple) else None
+    for x, den in _divided(user):
+        found = _row_sum_of(den, scores) if x is out else None
+        if isinstance(found, tuple):
+            return user, *found
+    return None
 
 
 def _looks_like_scores(ps: Product, pv: Product) -> bool:
@@ -288,14 +301,21 @@ def _kv_product(node: Node) -> KV | None:
     if p2 is None or p2.bias is not None or p2.alpha != 1.0:
         return None
     for side, operand in (("b", p2.b), ("a", p2.a)):
-        seq_dim = None
-        if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
-            seq_dim = operand.args[1] % val(operand).dim()
-            operand = operand.args[0]
-        p1 = read_product(operand)
-        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
-            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
-                return KV(p2, side, p1, seq_dim)
+        found = _kv_operand(p2, side, operand)
+        if found is not None:
+            return found
+    return None
+
+
+def _kv_operand(p2: Product, side: str, operand: Node) -> KV | None:
+    seq_dim = None
+    if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
+        seq_dim = operand.args[1] % val(operand).dim()
+        operand = operand.args[0]
+    p1 = read_product(operand)
+    if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
+        if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
+            return KV(p2, side, p1, seq_dim)
     return None
 
 
@@ -340,52 +360,106 @@ def _linear_roles(kv: KV) -> Roles | str:
     return Roles(batch_roles, sizes, q, k, v, out_labels, batch_roles + "nm")
 
 
-def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, float] | None:
-    """(numerator, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or num / (...)[..., None],
-    ksum = k summed over the sequence (non-causal) or its cumsum (causal)."""
-    if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
+def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, str, float] | None:
+    """(numerator, normalize, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or
+    num / (...)[..., None] (or the clamp(min=eps) of q . ksum), ksum = k summed over the sequence
+    (non-causal) or its cumsum (causal)."""
+    if not roles.out_labels.endswith("e"):
         return None
-    num, r = node.args
-    if node.target is aten.mul.Tensor and not is_call(r, aten.unsqueeze.default):
-        num, r = r, num
-    if not is_call(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
-        return None
-    den = r.args[0]
-    if node.target is aten.mul.Tensor:
-        if not is_call(den, aten.reciprocal.default):
+    readings = [(num, r.args[0]) for num, r in _divided(node) if _last_axis_added(r)]
+    if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
+        # num * reciprocal(den)[..., None]: the reciprocal taken before the broadcast axis is added
+        pairs = (node.args[:2], node.args[1::-1])
+        readings += [(num, u.args[0].args[0]) for num, u in pairs
+                     if _last_axis_added(u) and is_call(u.args[0], aten.reciprocal.default)]  # fmt: skip
+    for num, den in readings:
+        found = _row_denominator(den, roles, causal, roles.out_labels[:-1])
+        if found is not None:
+            return num, *found
+    return None
+
+
+def _last_axis_added(node: Node) -> bool:
+    return is_call(node, aten.unsqueeze.default) and node.args[1] % val(node).dim() == val(node).dim() - 1
+
+
+def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[str, float] | None:
+    """(normalize, eps) when `den` is q . ksum + eps (either order) or (q . ksum).clamp(min=eps), its axes
+    playing the roles `rows` (the output's without e), ksum = k summed over the sequence (non-causal)
+    or its cumsum (causal)."""
+    mode, eps = "eps", 0.0
+    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args[:2]):
+        number = 1 if isinstance(den.args[1], (int, float)) else 0
+        den, eps = den.args[1 - number], float(den.args[number])
+    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
             return None
-        den = den.args[0]
-    eps = 0.0
-    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
-        den, eps = den.args[0], float(den.args[1])
+        den, mode, eps = den.args[0], "clamp", float(den.args[1])
     pd = read_product(den)
     q, k = roles.q, roles.k
     if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
         return None
     (ql, sl, ksum) = (pd.a_labels, pd.b_labels, pd.b) if pd.a is q.node else (pd.b_labels, pd.a_labels, pd.a)
-    seq = k.labels.index("m")
+    k_labels = k.labels
+    if is_call(k.node, aten.transpose.int) and is_call(ksum, aten.sum.dim_IntList, aten.cumsum.default):
+        if ksum.args[0] is k.node.args[0]:  # k^T @ v beside k.sum(seq): the sum reads k before the transpose
+            i, j = (a % len(k_labels) for a in k.node.args[1:3])
+            swapped = list(k_labels)
+            swapped[i], swapped[j] = swapped[j], swapped[i]
+            k_labels = "".join(swapped)
+    seq = k_labels.index("m")
+    source = k.node if k_labels == k.labels else k.node.args[0]
     if causal:
         ok = is_call(ksum, aten.cumsum.default) and ksum.args[1] % val(ksum).dim() == seq
-        ks_roles = k.labels.replace("m", "n")
+        ks_roles = k_labels.replace("m", "n")
     else:
         keep = len(ksum.args) > 2 and ksum.args[2]
-        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(k.node).dim() for d in ksum.args[1]] == [seq]
-        ks_roles = k.labels.replace("m", "")
-    if not ok or ksum.args[0] is not k.node:
+        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(source).dim() for d in ksum.args[1]] == [seq]
+        ks_roles = k_labels.replace("m", "")
+    if not ok or ksum.args[0] is not source:
         return None
     role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
     contracted = [c for c in ql if c in sl and c not in pd.out_labels]
-    if [role[c] for c in contracted] != ["d"] or "".join(
-        role.get(c, "?") for c in pd.out_labels
-    ) + "e" != roles.out_labels:
+    if [role[c] for c in contracted] != ["d"] or "".join(role.get(c, "?") for c in pd.out_labels) != rows:
         return None  # q . ksum must contract d only and line up with the numerator's rows
-    return num, eps
+    return mode, eps
 
 
+def _three_way(node: Node) -> tuple[Node, KV, str] | None:
+    """(z, the q @ kv reading, z's labels) when `node` is einsum("q,kv,z->out", q, kv, z) with z only
+    scaling output rows (fast-transformers' `einsum("nlhd,nhmd,nlh->nlhm", Q, KV, Z)`)."""
+    if not is_call(node, aten.einsum.default) or len(node.args[1]) != 3 or "..." in node.args[0]:
+        return None
+    lhs, out = node.args[0].replace(" ", "").split("->")
+    sides = lhs.split(",")
+    for i in range(3):
+        zl, (la, lb) = sides[i], [sd for j, sd in enumerate(sides) if j != i]
+        ops = [t for j, t in enumerate(node.args[1]) if j != i]
+        if any(c not in out for c in zl) or len(set(zl)) != len(zl) or any(len(set(x)) != len(x) for x in (la, lb, out)):
+            continue
+        p2 = Product(node, ops[0], ops[1], la, lb, out)
+        for side, operand in (("b", p2.b), ("a", p2.a)):
+            found = _kv_operand(p2, side, operand)
+            if found is not None:
+                return node.args[1][i], found, zl
+    return None
 def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
     # q @ (k^T v) or q @ cumsum(k v^T) [/ (q . sum(k) + eps), / (q . cumsum(k) + eps)] -> linear_attention
     found, normalized = _kv_product(node), None
-    if found is not None:
+    three = _three_way(node) if found is None else None
+    if three is not None:
+        # einsum(q, kv, z) with z = 1 / (q . sum(k) + eps) on the rows: the normaliser inside the product
+        z, found, z_labels = three
+        roles = _linear_roles(found)
+        if isinstance(roles, str) or not is_call(z, aten.reciprocal.default) or len(z.users) != 1:
+            return None
+        causal = found.seq_dim is not None
+        rows = "".join(roles.out_labels[found.p2.out_labels.index(c)] for c in z_labels)
+        normalized = _row_denominator(z.args[0], roles, causal, rows)
+        if normalized is None or "e" in rows or sorted(rows + "e") != sorted(roles.out_labels):
+            return None
+        normalized = (None, *normalized)
+    elif found is not None:
         roles = _linear_roles(found)
         if isinstance(roles, str):
             return None
@@ -407,7 +481,7 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
             return None
     w = Weights(causal=causal)
     if normalized is not None:
-        w.normalize, w.eps = "eps", normalized[1]
+        w.normalize, w.eps = normalized[1:]
     variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"
     site = build_site(node, node, roles, w, backend, variant)
     return _reject(node, site, variant) if isinstance(site, str) else site

@@ -1,0 +1,150 @@
+"""More linear-attention spellings: normalisers written as a product with a reciprocal, causal masks held
+in buffers. Each is fused and checked, forward and gradients, against the model run in float64; each
+near miss is left alone, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+from tests.test_linear_attention_match import Core, Fn
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def fused_matches_float64(model: nn.Module, inputs: tuple, phrases: list[str]) -> None:
+    """Optimized in training mode: one linear-attention rewrite with `phrases` in its variant, outputs and
+    gradients (inputs and parameters) within 1e-4 of the original model run in float64."""
+    opt = fxfuse.optimize(model.train(), inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1, rep
+    variant = rep.rewrites[0].variant
+    assert all(p in variant for p in phrases), variant
+    x = inputs[0].clone().requires_grad_()
+    out = opt(x, *inputs[1:])
+    cot = torch.randn_like(out)
+    (out * cot).sum().backward()
+    ref = copy.deepcopy(model).double()
+    x64 = inputs[0].double().requires_grad_()
+    want = ref(x64, *(t.double() for t in inputs[1:]))
+    (want * cot.double()).sum().backward()
+    assert _rel(out.detach(), want.detach()) < 1e-5
+    assert _rel(x.grad, x64.grad) < 1e-4
+    for (name, p), p64 in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert _rel(p.grad, p64.grad) < 1e-4, name
+
+
+# --- 1. the row normaliser as a multiplication by a reciprocal ------------------------------------------
+
+
+def reciprocal_of_eps_sum(q, k, v):
+    # s * (1 / (s.sum(-1, keepdim=True) + eps)): `1 / x` reaches the graph as reciprocal(x)
+    s = F.relu(q) @ F.relu(k).transpose(-2, -1)
+    return (s * (1 / (s.sum(-1, keepdim=True) + 1e-6))) @ v
+
+
+def reciprocal_clamped_causal(q, k, v):
+    # torch.reciprocal of a clamped row sum, on the left, causal tril mask
+    n = q.shape[2]
+    s = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * torch.tril(torch.ones(n, n))
+    return (torch.reciprocal(s.sum(-1, keepdim=True).clamp(min=1e-4)) * s) @ v
+
+
+def reciprocal_after_product(q, k, v):
+    # the reciprocal row sum scales the product's output
+    s = torch.exp(q) @ torch.exp(k).transpose(-2, -1)
+    return (s @ v) * (1.0 / (1e-6 + s.sum(-1, keepdim=True)))
+
+
+def fast_transformers_three_way(q, k, v):
+    # fast-transformers' LinearAttention: [N, L, H, D], Z = 1 / (Q . sum(K) + eps), one 3-operand einsum
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("nshd,nshm->nhmd", k, v)
+    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + 1e-6)
+    return torch.einsum("nlhd,nhmd,nlh->nlhm", q, kv, z).transpose(1, 2)
+
+
+def performer_reciprocal_clamp(q, k, v):
+    # (q @ kv) * reciprocal(clamp(q . sum(k), min))[..., None]
+    q, k = F.relu(q), F.relu(k)
+    kv = k.transpose(-2, -1) @ v
+    den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)).clamp(min=1e-3)
+    return (q @ kv) * torch.reciprocal(den).unsqueeze(-1)
+
+
+RECIPROCALS = {
+    "reciprocal_of_eps_sum": (reciprocal_of_eps_sum, ["quadratic form", "φ=relu", "row-sum + 1e-06"]),
+    "reciprocal_clamped_causal": (reciprocal_clamped_causal, ["φ=elu+1", "row-sum clamp(min=0.0001)", "causal"]),
+    "reciprocal_after_product": (reciprocal_after_product, ["φ=exp", "row-sum + 1e-06"]),
+    "fast_transformers_three_way": (fast_transformers_three_way, ["already linear", "φ=elu+1", "row-sum + 1e-06"]),
+    "performer_reciprocal_clamp": (performer_reciprocal_clamp, ["already linear", "row-sum clamp(min=0.001)"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPROCALS))
+def test_reciprocal_normaliser_fused(name):
+    core, phrases = RECIPROCALS[name]
+    torch.manual_seed(0)
+    fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
+
+
+def reciprocal_of_row_max(q, k, v):
+    s = F.relu(q) @ F.relu(k).transpose(-2, -1)
+    return (s * torch.reciprocal(s.amax(-1, keepdim=True) + 1e-6)) @ v
+
+
+def reciprocal_of_column_sum(q, k, v):
+    s = F.relu(q) @ F.relu(k).transpose(-2, -1)
+    return (s * (1 / (s.sum(-2, keepdim=True) + 1e-6))) @ v
+
+
+def three_way_sum_over_features(q, k, v):
+    # z sums k over its feature axis, not the sequence: not q . sum_j k_j
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("nshd,nshm->nhmd", k, v)
+    z = 1 / (torch.einsum("nlhd,nlh->nlh", q, k.sum(dim=3)) + 1e-6)
+    return torch.einsum("nlhd,nhmd,nlh->nlhm", q, kv, z).transpose(1, 2)
+
+
+def three_way_reciprocal_of_q(q, k, v):
+    # z = 1 / (sum(q) + eps): no k in the denominator
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("nshd,nshm->nhmd", k, v)
+    return torch.einsum("nlhd,nhmd,nlh->nlhm", q, kv, 1 / (q.sum(-1) + 1e-6)).transpose(1, 2)
+
+
+RECIPROCAL_NEAR_MISSES = {
+    "reciprocal_of_row_max": (reciprocal_of_row_max, "not a constant"),
+    "reciprocal_of_column_sum": (reciprocal_of_column_sum, "not a sum over the key axis"),
+    "three_way_sum_over_features": (three_way_sum_over_features, None),
+    "three_way_reciprocal_of_q": (three_way_reciprocal_of_q, None),
+}
+
+
+def left_alone(model: nn.Module, inputs: tuple, reason: str | None) -> None:
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 0, rep
+    found = [r for r in rep.rewrites if r.pattern == "linear_attention"]
+    if reason is None:
+        assert not found or all(r.status == "rejected" for r in found), rep
+    else:
+        assert len(found) == 1 and reason in found[0].reason, rep
+    with torch.no_grad():
+        assert torch.equal(opt(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("name", list(RECIPROCAL_NEAR_MISSES))
+def test_reciprocal_near_miss_left_alone(name):
+    core, reason = RECIPROCAL_NEAR_MISSES[name]
+    left_alone(Fn(core), tuple(torch.rand(2, 2, 12, 8) for _ in range(3)), reason)
