@@ -435,8 +435,8 @@ def _three_way(node: Node) -> tuple[Node, KV, str] | None:
     for i in range(3):
         zl, (la, lb) = sides[i], [sd for j, sd in enumerate(sides) if j != i]
         ops = [t for j, t in enumerate(node.args[1]) if j != i]
-        if any(c not in out for c in zl) or len(set(zl)) != len(zl) or any(len(set(x)) != len(x) for x in (la, lb, out)):
-            continue
+        if any(c not in out for c in zl) or any(len(set(x)) != len(x) for x in (zl, la, lb, out)):
+            continue  # z must only scale output rows; a repeated label is a diagonal
         p2 = Product(node, ops[0], ops[1], la, lb, out)
         for side, operand in (("b", p2.b), ("a", p2.a)):
             found = _kv_operand(p2, side, operand)
