@@ -443,6 +443,8 @@ def _three_way(node: Node) -> tuple[Node, KV, str] | None:
             if found is not None:
                 return node.args[1][i], found, zl
     return None
+
+
 def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
     # q @ (k^T v) or q @ cumsum(k v^T) [/ (q . sum(k) + eps), / (q . cumsum(k) + eps)] -> linear_attention
     found, normalized = _kv_product(node), None
