@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
+from fxfuse.backends import CALLS
 from tests.test_linear_attention_match import Core, Fn
 
 
@@ -148,3 +149,90 @@ def left_alone(model: nn.Module, inputs: tuple, reason: str | None) -> None:
 def test_reciprocal_near_miss_left_alone(name):
     core, reason = RECIPROCAL_NEAR_MISSES[name]
     left_alone(Fn(core), tuple(torch.rand(2, 2, 12, 8) for _ in range(3)), reason)
+
+
+# --- 2. causal masks held in buffers ---------------------------------------------------------------------
+
+
+class BufferMasked(nn.Module):
+    """Causal linear attention whose mask is a buffer, sliced to the length as nanoGPT slices `bias`."""
+
+    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2, normalised: bool = True) -> None:
+        super().__init__()
+        self.heads, self.normalised = heads, normalised
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        s = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)
+        mask = self.mask[..., :n, :n]
+        s = s.masked_fill(mask == 0, 0.0) if mask.dtype == torch.bool or mask.dim() == 4 else s * mask
+        if self.normalised:
+            s = s / (s.sum(-1, keepdim=True) + 1e-6)
+        out = s @ v
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _decay_buffer(n: int) -> torch.Tensor:
+    i = torch.arange(n)
+    gamma = torch.tensor([0.9, 0.97]).view(-1, 1, 1)
+    dist = (i[:, None] - i[None, :]).float()
+    return torch.pow(gamma, dist.clamp(min=0)).masked_fill(dist < 0, 0.0)
+
+
+BUFFERS = {
+    "tril_buffer": (lambda: torch.tril(torch.ones(12, 12)), True, ["causal", "mask from buffer mask"]),
+    "gpt2_bias_sliced": (lambda: torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16), True, ["causal", "buffer mask"]),
+    "decay_buffer": (lambda: _decay_buffer(16), False, ["causal, decay 0.9/0.97", "buffer mask"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BUFFERS))
+def test_causal_buffer_mask_fused(name):
+    make, normalised, phrases = BUFFERS[name]
+    torch.manual_seed(0)
+    fused_matches_float64(BufferMasked(make(), normalised=normalised), (torch.randn(2, 12, 16),), phrases)
+
+
+def test_buffer_changed_after_optimize_runs_as_captured():
+    # the fused op relies on the value read at optimize time: a changed buffer must not go unseen
+    torch.manual_seed(0)
+    model = BufferMasked(torch.tril(torch.ones(12, 12))).eval()
+    x = torch.randn(2, 12, 16)
+    opt = fxfuse.optimize(model, (x,), patterns=["linear_attention"])
+    assert fxfuse.report(opt).count("linear_attention") == 1
+    truth = lambda: copy.deepcopy(model).double()(x.double())  # noqa: E731
+
+    def fused_calls(run):
+        before = sum(n for (op, _), n in CALLS.items() if op == "linear_attention")
+        out = run()
+        return out, sum(n for (op, _), n in CALLS.items() if op == "linear_attention") - before
+
+    with torch.no_grad():
+        opt(x)  # captured again for no_grad: the calls below count fused-op runs only
+        model.load_state_dict(model.state_dict())  # same values written again: still fused
+        got, calls = fused_calls(lambda: opt(x))
+        assert calls == 1 and _rel(got, truth()) < 1e-5
+        model.mask.fill_(1.0)  # now a full mask: not causal
+        with pytest.warns(UserWarning, match="buffer that a rewrite relies on changed"):
+            got, calls = fused_calls(lambda: opt(x))
+        assert calls == 0 and torch.equal(got, model(x))
+        model.mask.copy_(torch.tril(torch.ones(12, 12)))  # back to the proven value: fused again
+        got, calls = fused_calls(lambda: opt(x))
+        assert calls == 1 and _rel(got, truth()) < 1e-5
+    assert any("buffer that a rewrite relies on changed" in n for n in fxfuse.report(opt).notes)
+
+
+class InputMasked(nn.Module):
+    def forward(self, q, k, v, mask):
+        return ((F.relu(q) @ F.relu(k).transpose(-2, -1)) * mask) @ v
+
+
+def test_buffer_mask_near_misses_left_alone():
+    banded = torch.triu(torch.tril(torch.ones(12, 12)), -2)  # a sliding window: not causal-structured
+    model = BufferMasked(banded).eval()
+    left_alone(model, (torch.randn(2, 12, 16),), "not causal-structured")
+    qkv = tuple(torch.rand(2, 2, 12, 8) for _ in range(3))
+    left_alone(InputMasked(), (*qkv, torch.tril(torch.ones(12, 12))), "not a constant")

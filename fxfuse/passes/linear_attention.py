@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.buffer_values import buffer_seed, buffers_read
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
 from fxfuse.passes.site import Rejection, Site
 
@@ -122,7 +123,14 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
             return "the scores go through an op the fused op cannot express"
         const = constant_value(t.node)
         if const is None:
-            return "the scores are multiplied by a mask that is not a constant (a buffer or an input)"
+            # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
+            seed = buffer_seed(t.node.graph.owning_module)
+            const = constant_value(t.node, dict(seed)) if seed else None
+            if const is None:
+                return (
+                    "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
+                )
+            out.buffers += [b for b in buffers_read(t.node, seed) if b not in out.buffers]
         out.constants[t.node] = const
         if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
             rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)

@@ -9,6 +9,7 @@ import torch
 from torch.fx import Graph, Node
 
 from fxfuse.passes.attention_layout import Operand, apply_steps, layout_steps, peel_qkv, val
+from fxfuse.passes.buffer_values import buffer_name
 from fxfuse.passes.site import Site
 
 aten = torch.ops.aten
@@ -42,6 +43,7 @@ class Weights:
     normalize: str = "none"
     eps: float = 0.0
     constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
+    buffers: list[Node] = field(default_factory=list)  # buffer placeholders those values were read from
     taylor: float | None = None  # the weights are 1 + s + s²/2 of s = taylor * (q . k) (a Taylor exp)
 
 
@@ -147,8 +149,12 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
     elif w.causal:
         parts.append("causal")
+    if w.buffers:
+        names = ", ".join(buffer_name(b) for b in w.buffers)
+        parts.append(f"mask from buffer {names} (value checked per call)")
     if fold and kv_heads != sizes.get("h", 1):
         parts.append(f"gqa {sizes['h']}:{kv_heads}")
     name = linear_attention_backend(backend, val(q.node).device, q_dtype, features, sizes["e"])[0]
     gen = _input_gen(constants, w.normalize != "none")
-    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
+    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen,
+                reads_buffers=list(w.buffers))  # fmt: skip
