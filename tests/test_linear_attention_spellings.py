@@ -236,3 +236,76 @@ def test_buffer_mask_near_misses_left_alone():
     left_alone(model, (torch.randn(2, 12, 16),), "not causal-structured")
     qkv = tuple(torch.rand(2, 2, 12, 8) for _ in range(3))
     left_alone(InputMasked(), (*qkv, torch.tril(torch.ones(12, 12))), "not a constant")
+
+
+# --- 3, 4. already linear in buckets: a running sum of bucket states shifted by one bucket ---------------
+
+
+def bucket_states(q, k, v, c: int, shift: int = 1, axis: int = 2, spelling: str = "pad_slice"):
+    """[B, H, N, D] -> q, k, v in buckets [B, H, G, C, D] and the states of the buckets before each one."""
+    b, h, n, _ = q.shape
+    qb, kb, vb = (t.reshape(b, h, n // c, c, t.shape[-1]) for t in (q, k, v))
+    kv = torch.einsum("bhgcd,bhgce->bhgde", kb, vb)
+    if spelling == "pad_slice":  # zero bucket in front, last dropped
+        kv = F.pad(kv.cumsum(dim=axis), (0, 0, 0, 0, shift, 0))[:, :, :-shift]
+    else:  # an exclusive running sum
+        kv = kv.cumsum(dim=axis) - kv
+    return qb, kb, vb, kv
+
+
+def bucketed_causal(q, k, v, spelling="pad_slice", intra=True, shift=1, axis=2):
+    # inter-bucket running sum + intra-bucket causal quadratic part = causal linear attention
+    b, h, n, _ = q.shape
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    qb, kb, vb, kv = bucket_states(q, k, v, 4, shift, axis, spelling)
+    out = torch.einsum("bhgcd,bhgde->bhgce", qb, kv)
+    if intra:
+        out = out + (qb @ kb.transpose(-1, -2) * torch.tril(torch.ones(4, 4))) @ vb
+    return out.reshape(b, h, n, -1)
+
+
+def flash_groups(q, k, v, quadratic="linear"):
+    # FLASH's layout: heads merged into the batch, groups 'b g n d', states divided by the group size,
+    # shifted by F.pad(..., (0, 0, 0, 0, 1, -1)); the intra-group part linear (causal) or relu² (FLASH's own)
+    b, h, n, d = q.shape
+    c = 4
+    q, k = F.relu(q), F.relu(k)
+    lq, lk, lv = (t.reshape(b * h, n // c, c, d) for t in (q, k, v))
+    lin_kv = torch.einsum("bgnd,bgne->bgde", lk, lv) / c
+    lin_kv = F.pad(lin_kv.cumsum(dim=1), (0, 0, 0, 0, 1, -1), value=0.0)
+    lin_out = torch.einsum("bgde,bgnd->bgne", lin_kv, lq)
+    sim = torch.einsum("bgid,bgjd->bgij", lq, lk) / c
+    if quadratic == "linear":
+        quad = sim.masked_fill(torch.ones(c, c, dtype=torch.bool).triu(1), 0.0)
+    else:
+        quad = F.relu(sim.masked_fill(torch.ones(c, c, dtype=torch.bool).triu(1), 0.0)) ** 2
+    quad_out = torch.einsum("bgij,bgjd->bgid", quad, lv)
+    return (quad_out + lin_out).reshape(b, h, n, d)
+
+
+BUCKETED = {
+    "pad_slice_5d": (bucketed_causal, ["buckets of 4", "φ=elu+1", "causal"]),
+    "exclusive_cumsum": (lambda q, k, v: bucketed_causal(q, k, v, "sub"), ["bucketed running sum"]),
+    "flash_groups_linear_intra": (flash_groups, ["buckets of 4", "φ=relu", "causal"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BUCKETED))
+def test_bucketed_running_sum_with_intra_part_fused(name):
+    core, phrases = BUCKETED[name]
+    torch.manual_seed(0)
+    fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
+
+
+BUCKET_NEAR_MISSES = {
+    "no_intra_part": (lambda q, k, v: bucketed_causal(q, k, v, intra=False), "block-exclusive"),
+    "shift_by_two": (lambda q, k, v: bucketed_causal(q, k, v, shift=2), "shifted by 2 buckets"),
+    "cumsum_over_heads": (lambda q, k, v: bucketed_causal(q, k, v, axis=1), None),
+    "flash_relu2_intra": (lambda q, k, v: flash_groups(q, k, v, "relu2"), "block-exclusive"),
+}
+
+
+@pytest.mark.parametrize("name", list(BUCKET_NEAR_MISSES))
+def test_bucketed_near_miss_left_alone(name):
+    core, reason = BUCKET_NEAR_MISSES[name]
+    left_alone(Fn(core), tuple(torch.rand(2, 2, 12, 8) for _ in range(3)), reason)

@@ -23,6 +23,7 @@ from torch.fx import GraphModule, Node
 from fxfuse.passes.attention_layout import Operand, Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
 from fxfuse.passes.buffer_values import buffer_seed, buffers_read
+from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buckets
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
 from fxfuse.passes.site import Rejection, Site
 
@@ -200,7 +201,7 @@ def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
 def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
     # W @ v with W = (q @ k^T) [* constant mask or decay] [/ row-sum] -> linear_attention(q, k, v)
     pv = read_product(node)
-    if pv is None or pv.bias is not None or pv.alpha != 1.0:
+    if pv is None or pv.bias is not None or pv.alpha != 1.0 or defers_to_buckets(node):
         return None
     for which, w_node in (("a", pv.a), ("b", pv.b)):
         found = _normaliser(w_node)
@@ -497,7 +498,7 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
     return _reject(node, site, variant) if isinstance(site, str) else site
 
 
-RULES = (match_quadratic, match_already_linear)
+RULES = (match_quadratic, match_already_linear, match_buckets)
 
 
 def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:
