@@ -183,7 +183,6 @@ def _decay_buffer(n: int) -> torch.Tensor:
 
 
 BUFFERS = {
-    "tril_buffer": (lambda: torch.tril(torch.ones(12, 12)), True, ["causal", "mask from buffer mask"]),
     "gpt2_bias_sliced": (lambda: torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16), True, ["causal", "buffer mask"]),
     "decay_buffer": (lambda: _decay_buffer(16), False, ["causal, decay 0.9/0.97", "buffer mask"]),
 }
@@ -297,7 +296,21 @@ def test_bucketed_running_sum_with_intra_part_fused(name):
     fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
 
 
+def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3):
+    # linear-attention-transformer's causal_linear_attn: buckets see only the buckets before them
+    b, h, n, e = q.shape
+    q, k = q.softmax(dim=-1) * e**-0.5, torch.exp(k)
+    b_q, b_k, b_v = (x.reshape(*x.shape[:-2], -1, bucket_size, e) for x in (q, k, v))
+    b_k_cumsum = b_k.sum(dim=-2).cumsum(dim=-2)
+    context = torch.einsum("bhund,bhune->bhude", b_k, b_v).cumsum(dim=-3)
+    context = F.pad(context, (0, 0, 0, 0, 1, 0), value=0.0)[:, :, :-1]
+    b_k_cumsum = F.pad(b_k_cumsum, (0, 0, 1, 0), value=0.0)[:, :, :-1]
+    d_inv = 1.0 / torch.einsum("bhud,bhund->bhun", b_k_cumsum, b_q).clamp(min=eps)
+    return torch.einsum("bhund,bhude,bhun->bhune", b_q, context, d_inv).reshape(*q.shape)
+
+
 BUCKET_NEAR_MISSES = {
+    "lucidrains_causal_linear_attn": (lucidrains_causal_linear_attn, "block-exclusive"),
     "no_intra_part": (lambda q, k, v: bucketed_causal(q, k, v, intra=False), "block-exclusive"),
     "shift_by_two": (lambda q, k, v: bucketed_causal(q, k, v, shift=2), "shifted by 2 buckets"),
     "cumsum_over_heads": (lambda q, k, v: bucketed_causal(q, k, v, axis=1), None),

@@ -5,10 +5,14 @@ a product and returns the semantic parameters (roles of q, k, v, scale, causal, 
 - quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
   what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
   masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
-  diagonal (proven by evaluating it), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
-  W / W.sum(-1, keepdim).clamp(min); W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp),
-  which is phi(q) . phi(k) for phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
-- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps).
+  diagonal (proven by evaluating it; a mask held in a module buffer is read at capture, and the compiled
+  graph is guarded on it: `buffer_values.py`), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
+  W / W.sum(-1, keepdim).clamp(min), also written W * (1 / ...) or W * reciprocal(...); W may also be
+  1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k) for
+  phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
+- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps)
+  or 1 / clamp(q . sum(k), min), also as one 3-operand einsum(q, kv, z) (fast-transformers);
+- bucketed running sums of k^T v plus the intra-bucket causal part: `linear_attention_buckets.py`.
 Anything else between the products (softmax, relu^2: the attention family; a bias; an abs-sum
 normaliser; a mask that is not causal) is left alone, with the reason when it looked like this family.
 """

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from fxfuse.passes.attention_layout import read_product, val
+from fxfuse.passes.attention_layout import Product, read_product, val
 from fxfuse.passes.attention_scores import read_chain
 from fxfuse.passes.linear_attention_site import PATTERN, Weights, feature_map, is_call
 from fxfuse.passes.site import Rejection, Site
@@ -47,6 +47,7 @@ class Buckets:
     out_roles: str
     batch: str
     scale: float = 1.0  # a constant factor on the bucket states (FLASH divides them by the bucket size)
+    normalised: bool = False  # a third einsum operand scales the output rows (never fused)
 
 
 def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
@@ -97,10 +98,37 @@ def _scaled(x: Node) -> tuple[float, Node]:
     return 1.0, x
 
 
+def _products(node: Node) -> list[tuple[Product, bool]]:
+    """`node` read as a product of two tensors, with whether a third einsum operand scales its rows
+    (lucidrains' `einsum('bhund,bhude,bhun->bhune', q, context, D_inv)`)."""
+    p = read_product(node)
+    if p is not None:
+        return [(p, False)]
+    if not is_call(node, aten.einsum.default) or len(node.args[1]) != 3 or "..." in node.args[0]:
+        return []
+    lhs, out = node.args[0].replace(" ", "").split("->")
+    sides, found = lhs.split(","), []
+    for i in range(3):
+        (la, lb), (a, b) = [x for j, x in enumerate(sides) if j != i], [t for j, t in enumerate(node.args[1]) if j != i]
+        fits = all(c in out for c in sides[i]) and all(c in la + lb for c in out)
+        if fits and all(len(set(x)) == len(x) for x in (*sides, out)):
+            found.append((Product(node, a, b, la, lb, out), True))
+    return found
+
+
 def _read_buckets(node: Node) -> Buckets | str | None:
     """`node` as q_g @ (sum of k^T v over the buckets before g), or why it is not."""
-    p = read_product(node)
-    if p is None or p.bias is not None or p.alpha != 1.0:
+    for p, scaled_rows in _products(node):
+        found = _read_product_buckets(p)
+        if found is not None:
+            if isinstance(found, Buckets):
+                found.normalised = scaled_rows
+            return found
+    return None
+
+
+def _read_product_buckets(p: Product) -> Buckets | str | None:
+    if p.bias is not None or p.alpha != 1.0:
         return None
     sides = ((p.b, p.b_labels, p.a, p.a_labels), (p.a, p.a_labels, p.b, p.b_labels))
     for kv_node, kv_labels, q_node, q_labels in sides:
@@ -202,7 +230,12 @@ def match_buckets(node: Node, backend: str) -> Site | Rejection | None:
             return None
         for inter, intra in (node.args[:2], node.args[1::-1]):
             b = _read_buckets(inter)
-            if isinstance(b, Buckets) and len(inter.users) == 1 and val(inter).shape == val(node).shape:
+            if (
+                isinstance(b, Buckets)
+                and not b.normalised
+                and len(inter.users) == 1
+                and val(inter).shape == val(node).shape
+            ):
                 weights = _intra(intra, b) if len(intra.users) == 1 else None
                 if weights is not None and abs(weights.scale - b.scale) <= 1e-12 * abs(b.scale):
                     return _site(node, b, weights, backend)
