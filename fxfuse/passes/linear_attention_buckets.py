@@ -53,6 +53,8 @@ class Buckets:
 def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
     """(x, axis) when `node` sums x over `axis` up to the step before each one: cumsum(x) - x, or cumsum(x)
     padded with one zero step in front and its last step dropped; why not when it is shifted otherwise."""
+    if any(val(n) is None for n in (node, *node.all_input_nodes)):
+        return None
     if is_call(node, aten.sub.Tensor) and node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2:
         c, x = node.args
         if is_call(c, aten.cumsum.default) and c.args[0] is x:
@@ -69,6 +71,8 @@ def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
     else:
         return None
     c, rank, widths = pad.args[0], val(pad).dim(), list(pad.args[1])
+    if val(c) is None:
+        return None
     if pad.target is aten.constant_pad_nd.default:
         mode, value = "constant", pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("value", 0)
     else:
