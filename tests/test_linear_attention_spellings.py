@@ -221,6 +221,12 @@ def test_buffer_changed_after_optimize_runs_as_captured():
         model.mask.copy_(torch.tril(torch.ones(12, 12)))  # back to the proven value: fused again
         got, calls = fused_calls(lambda: opt(x))
         assert calls == 1 and _rel(got, truth()) < 1e-5
+        model.mask.data = torch.ones(12, 12)  # new storage, same version counter
+        got, calls = fused_calls(lambda: opt(x))
+        assert calls == 0 and torch.equal(got, model(x))
+        model.mask = torch.tril(torch.ones(12, 12))  # another tensor holding the proven value
+        got, calls = fused_calls(lambda: opt(x))
+        assert calls == 1 and _rel(got, truth()) < 1e-5
     assert any("buffer that a rewrite relies on changed" in n for n in fxfuse.report(opt).notes)
 
 

@@ -3,8 +3,8 @@
 Dynamo passes a module's buffers to the captured graph as inputs and guards only their shapes, dtypes and
 devices, never their values. A rewrite that relies on a buffer's value (a causal mask registered with
 `register_buffer("mask", torch.tril(...))`, proven lower-triangular when matching) is therefore run
-behind a guard: per call it compares each such buffer's identity and version counter with those it last
-checked (O(1)); when they differ it compares the values with the proven snapshot once, and while they
+behind a guard: per call it compares each such buffer's identity, version counter and storage with those
+it last checked (O(1)); when they differ it compares the values with the proven snapshot once, and while they
 differ the graph runs exactly as captured.
 """
 
@@ -71,6 +71,12 @@ def buffer_name(node: Node) -> str:
     return node.meta[BUFFER_KEY][0]
 
 
+def _state(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """What changes when a tensor may have new values: the object (a reassigned buffer), its version
+    counter (in-place writes) and its storage (`.data =` keeps the version)."""
+    return x, x._version, x.data_ptr()
+
+
 def guard_buffers(run: Callable, fallback: Callable, aten_gm: object, example_inputs: Sequence[object],
                   note: Callable[[str], None]) -> Callable:  # fmt: skip
     """`run`, behind a check that the buffers its rewrites rely on still hold the values they were proven
@@ -79,16 +85,17 @@ def guard_buffers(run: Callable, fallback: Callable, aten_gm: object, example_in
     if not baked:
         return run
     snapshots = {i: example_inputs[i].detach().clone() for i in baked}
-    checked = {i: (id(example_inputs[i]), example_inputs[i]._version) for i in baked}
+    checked = {i: _state(example_inputs[i]) for i in baked}
     told = []
 
     def guarded(*args):
         for i in baked:
             x = args[i]
-            if checked[i] == (id(x), x._version):
+            seen, version, ptr = checked[i]
+            if seen is x and version == x._version and ptr == x.data_ptr():
                 continue
             if x.shape == snapshots[i].shape and torch.equal(x.detach(), snapshots[i].to(x.device)):
-                checked[i] = (id(x), x._version)  # rewritten with the same value (a checkpoint load)
+                checked[i] = _state(x)  # rewritten with the same value (a checkpoint load)
                 continue
             if not told:
                 told.append(True)
