@@ -81,12 +81,21 @@ def performer_reciprocal_clamp(q, k, v):
     return (q @ kv) * torch.reciprocal(den).unsqueeze(-1)
 
 
+def performer_pytorch_ellipsis(q, k, v):
+    # performer-pytorch's linear_attention: ellipsis einsums, D_inv without eps as the third operand
+    q, k = torch.exp(q), torch.exp(k)
+    d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k.sum(dim=-2).type_as(q))
+    context = torch.einsum("...nd,...ne->...de", k, v)
+    return torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
+
+
 RECIPROCALS = {
     "reciprocal_of_eps_sum": (reciprocal_of_eps_sum, ["quadratic form", "φ=relu", "row-sum + 1e-06"]),
     "reciprocal_clamped_causal": (reciprocal_clamped_causal, ["φ=elu+1", "row-sum clamp(min=0.0001)", "causal"]),
     "reciprocal_after_product": (reciprocal_after_product, ["φ=exp", "row-sum + 1e-06"]),
     "fast_transformers_three_way": (fast_transformers_three_way, ["already linear", "φ=elu+1", "row-sum + 1e-06"]),
     "performer_reciprocal_clamp": (performer_reciprocal_clamp, ["already linear", "row-sum clamp(min=0.001)"]),
+    "performer_pytorch_ellipsis": (performer_pytorch_ellipsis, ["already linear", "φ=exp", "row-sum"]),
 }
 
 

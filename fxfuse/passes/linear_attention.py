@@ -28,7 +28,7 @@ from fxfuse.passes.attention_layout import Operand, Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
 from fxfuse.passes.buffer_values import buffer_seed, buffers_read
 from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buckets
-from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
+from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, einsum_sides, is_call
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -441,15 +441,17 @@ def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[
 def _three_way(node: Node) -> tuple[Node, KV, str] | None:
     """(z, the q @ kv reading, z's labels) when `node` is einsum("q,kv,z->out", q, kv, z) with z only
     scaling output rows (fast-transformers' `einsum("nlhd,nhmd,nlh->nlhm", Q, KV, Z)`)."""
-    if not is_call(node, aten.einsum.default) or len(node.args[1]) != 3 or "..." in node.args[0]:
+    spelled = einsum_sides(node) if is_call(node, aten.einsum.default) and len(node.args[1]) == 3 else None
+    if spelled is None:
         return None
-    lhs, out = node.args[0].replace(" ", "").split("->")
-    sides = lhs.split(",")
+    sides, out = spelled
     for i in range(3):
         zl, (la, lb) = sides[i], [sd for j, sd in enumerate(sides) if j != i]
         ops = [t for j, t in enumerate(node.args[1]) if j != i]
-        if any(c not in out for c in zl) or any(len(set(x)) != len(x) for x in (zl, la, lb, out)):
-            continue  # z must only scale output rows; a repeated label is a diagonal
+        if any(c not in out for c in zl) or any(c not in la + lb for c in out):
+            continue  # z must only scale output rows
+        if any(len(set(x)) != len(x) for x in (zl, la, lb, out)):
+            continue  # a repeated label is a diagonal
         p2 = Product(node, ops[0], ops[1], la, lb, out)
         for side, operand in (("b", p2.b), ("a", p2.a)):
             found = _kv_operand(p2, side, operand)

@@ -22,7 +22,7 @@ from torch.fx import Graph, Node
 
 from fxfuse.passes.attention_layout import Product, read_product, val
 from fxfuse.passes.attention_scores import read_chain
-from fxfuse.passes.linear_attention_site import PATTERN, Weights, feature_map, is_call
+from fxfuse.passes.linear_attention_site import PATTERN, Weights, einsum_sides, feature_map, is_call
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -108,10 +108,10 @@ def _products(node: Node) -> list[tuple[Product, bool]]:
     p = read_product(node)
     if p is not None:
         return [(p, False)]
-    if not is_call(node, aten.einsum.default) or len(node.args[1]) != 3 or "..." in node.args[0]:
+    spelled = einsum_sides(node) if is_call(node, aten.einsum.default) and len(node.args[1]) == 3 else None
+    if spelled is None:
         return []
-    lhs, out = node.args[0].replace(" ", "").split("->")
-    sides, found = lhs.split(","), []
+    (sides, out), found = spelled, []
     for i in range(3):
         (la, lb), (a, b) = [x for j, x in enumerate(sides) if j != i], [t for j, t in enumerate(node.args[1]) if j != i]
         fits = all(c in out for c in sides[i]) and all(c in la + lb for c in out)

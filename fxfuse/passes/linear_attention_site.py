@@ -20,6 +20,25 @@ def is_call(node: object, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
+def einsum_sides(node: Node) -> tuple[list[str], str] | None:
+    """(operand subscripts, output subscripts) of an einsum node with `...` spelled out in fresh letters,
+    right-aligned as einsum broadcasts them (the output's ellipsis is the widest operand's)."""
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or any(val(t) is None for t in node.args[1]):
+        return None
+    lhs, out = eq.split("->")
+    sides = lhs.split(",")
+    if len(sides) != len(node.args[1]):
+        return None
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    widths = [val(t).dim() - len(sd.replace("...", "")) if "..." in sd else 0 for sd, t in zip(sides, node.args[1])]
+    if min(widths) < 0 or max(widths) > len(fresh):
+        return None
+    pool = fresh[: max(widths)]
+    spell = lambda sd, w: sd.replace("...", pool[len(pool) - w :] if w else "")  # noqa: E731
+    return [spell(sd, w) for sd, w in zip(sides, widths)], spell(out, len(pool))
+
+
 @dataclass
 class Roles:
     """q [batch, n, d], k [batch, m, d], v [batch, m, e] as labelled operands; out_labels the output's."""
