@@ -51,6 +51,12 @@ def reciprocal_of_eps_sum(q, k, v):
     return (s * (1 / (s.sum(-1, keepdim=True) + 1e-6))) @ v
 
 
+def power_minus_one(q, k, v):
+    # (rowsum + eps) ** -1
+    s = F.relu(q) @ F.relu(k).transpose(-2, -1)
+    return (s * (s.sum(-1, keepdim=True) + 1e-6) ** -1) @ v
+
+
 def reciprocal_clamped_causal(q, k, v):
     # torch.reciprocal of a clamped row sum, on the left, causal tril mask
     n = q.shape[2]
@@ -91,6 +97,7 @@ def performer_pytorch_ellipsis(q, k, v):
 
 RECIPROCALS = {
     "reciprocal_of_eps_sum": (reciprocal_of_eps_sum, ["quadratic form", "φ=relu", "row-sum + 1e-06"]),
+    "power_minus_one": (power_minus_one, ["quadratic form", "row-sum + 1e-06"]),
     "reciprocal_clamped_causal": (reciprocal_clamped_causal, ["φ=elu+1", "row-sum clamp(min=0.0001)", "causal"]),
     "reciprocal_after_product": (reciprocal_after_product, ["φ=exp", "row-sum + 1e-06"]),
     "fast_transformers_three_way": (fast_transformers_three_way, ["already linear", "φ=elu+1", "row-sum + 1e-06"]),

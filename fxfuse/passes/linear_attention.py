@@ -65,14 +65,23 @@ def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
 
 
 def _divided(node: Node) -> list[tuple[Node, Node]]:
-    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x
-    (`1 / den` reaches the graph as reciprocal(den))."""
+    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x,
+    x * den ** -1 (`1 / den` reaches the graph as reciprocal(den))."""
     if is_call(node, aten.div.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
         return [(node.args[0], node.args[1])]
     if not is_call(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
         return []
     a, b = node.args[:2]
-    return [(x, r.args[0]) for x, r in ((a, b), (b, a)) if is_call(r, aten.reciprocal.default)]
+    return [(x, _reciprocal_of(r)) for x, r in ((a, b), (b, a)) if _reciprocal_of(r) is not None]
+
+
+def _reciprocal_of(node: Node) -> Node | None:
+    """x when `node` is 1 / x: reciprocal(x) (also how `1 / x` reaches the graph) or x ** -1."""
+    if is_call(node, aten.reciprocal.default):
+        return node.args[0]
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == -1:
+        return node.args[0]
+    return None
 
 
 def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
@@ -383,8 +392,8 @@ def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, st
     if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
         # num * reciprocal(den)[..., None]: the reciprocal taken before the broadcast axis is added
         pairs = (node.args[:2], node.args[1::-1])
-        readings += [(num, u.args[0].args[0]) for num, u in pairs
-                     if _last_axis_added(u) and is_call(u.args[0], aten.reciprocal.default)]  # fmt: skip
+        readings += [(num, _reciprocal_of(u.args[0])) for num, u in pairs
+                     if _last_axis_added(u) and _reciprocal_of(u.args[0]) is not None]  # fmt: skip
     for num, den in readings:
         found = _row_denominator(den, roles, causal, roles.out_labels[:-1])
         if found is not None:
@@ -468,11 +477,11 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         # einsum(q, kv, z) with z = 1 / (q . sum(k) + eps) on the rows: the normaliser inside the product
         z, found, z_labels = three
         roles = _linear_roles(found)
-        if isinstance(roles, str) or not is_call(z, aten.reciprocal.default) or len(z.users) != 1:
+        if isinstance(roles, str) or _reciprocal_of(z) is None or len(z.users) != 1:
             return None
         causal = found.seq_dim is not None
         rows = "".join(roles.out_labels[found.p2.out_labels.index(c)] for c in z_labels)
-        normalized = _row_denominator(z.args[0], roles, causal, rows)
+        normalized = _row_denominator(_reciprocal_of(z), roles, causal, rows)
         if normalized is None or "e" in rows or sorted(rows + "e") != sorted(roles.out_labels):
             return None
         normalized = (None, *normalized)
