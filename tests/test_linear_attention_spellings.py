@@ -304,10 +304,22 @@ def flash_groups(q, k, v, quadratic="linear"):
     return (quad_out + lin_out).reshape(b, h, n, d)
 
 
+def fla_naive_chunks(q, k, v, c=4):
+    # flash-linear-attention's naive chunk form: k^T @ v per chunk, cat([zeros, cumsum[:-1]]), masked_fill_
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b, h, n // c, c, t.shape[-1]) for t in (q * d**-0.5, k, v))
+    kv = (k.transpose(-1, -2) @ v).cumsum(2)
+    kv = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2)
+    mask = torch.triu(torch.ones(c, c, dtype=torch.bool), diagonal=1)
+    o = q @ kv + (q @ k.transpose(-1, -2)).masked_fill_(mask, 0) @ v
+    return o.reshape(b, h, n, -1)
+
+
 BUCKETED = {
     "pad_slice_5d": (bucketed_causal, ["buckets of 4", "φ=elu+1", "causal"]),
     "exclusive_cumsum": (lambda q, k, v: bucketed_causal(q, k, v, "sub"), ["bucketed running sum"]),
     "flash_groups_linear_intra": (flash_groups, ["buckets of 4", "φ=relu", "causal"]),
+    "fla_naive_chunks": (fla_naive_chunks, ["buckets of 4", "causal"]),
 }
 
 

@@ -1,8 +1,9 @@
 """Linear attention already written in buckets: a running sum of per-bucket states, shifted by one bucket.
 
 The sequence is cut into g buckets of c positions (q, k, v viewed as [..., g, c, D]); per bucket the state
-kv_g = k_g^T v_g is summed over the buckets before it (cumsum over g shifted by one: F.pad + slice, or
-cumsum(kv) - kv) and read by each query of the bucket: inter = q_g @ kv_(<g). Alone that is block-exclusive
+kv_g = k_g^T v_g is summed over the buckets before it (cumsum over g shifted by one: F.pad + slice,
+cat([zeros, cumsum[:-1]]) or cumsum(kv) - kv) and read by each query of the bucket: inter = q_g @ kv_(<g).
+Alone that is block-exclusive
 (a token sees no key of its own bucket) -- lucidrains' causal_linear_attn, FLASH's global linear part --
 and the fused op has no such mode: left alone with the reason. Plus the intra-bucket quadratic part
 (q_g k_g^T * tril) @ v_g it is exactly causal linear attention over the whole sequence:
@@ -21,7 +22,7 @@ import torch
 from torch.fx import Graph, Node
 
 from fxfuse.passes.attention_layout import Product, read_product, val
-from fxfuse.passes.attention_scores import read_chain
+from fxfuse.passes.attention_scores import constant_value, read_chain
 from fxfuse.passes.linear_attention_site import PATTERN, Weights, einsum_sides, feature_map, is_call
 from fxfuse.passes.site import Rejection, Site
 
@@ -60,6 +61,8 @@ def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
         if is_call(c, aten.cumsum.default) and c.args[0] is x:
             return x, c.args[1] % val(c).dim()
         return None
+    if is_call(node, aten.cat.default):
+        return _zero_then_prefix(node)
     if is_call(node, *_PADS):
         pad, axis = node, None  # F.pad(x, (..., 1, -1)): the negative width drops the last step
     elif is_call(node, aten.slice.Tensor) and is_call(node.args[0], *_PADS):
@@ -90,6 +93,35 @@ def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
     if before != 1:
         return f"the running sum of bucket states is shifted by {before} buckets, not one"
     return c.args[0], axis
+
+
+def _zero_then_prefix(node: Node) -> tuple[Node, int] | str | None:
+    """cat([zeros, cumsum(x)[:-w]], axis) with w zero steps (flash-linear-attention's naive chunk form)."""
+    parts, axis = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    if len(parts) != 2 or not all(isinstance(p, Node) and val(p) is not None for p in parts):
+        return None
+    zeros, kept = parts
+    rank = val(node).dim()
+    axis %= rank
+    if not (is_call(zeros, aten.zeros_like.default, aten.new_zeros.default) or _all_zero(zeros)):
+        return None
+    if not is_call(kept, aten.slice.Tensor) or not is_call(kept.args[0], aten.cumsum.default):
+        return None
+    c = kept.args[0]
+    k_axis, start, _, step = (list(kept.args[1:]) + [0, None, None, 1][len(kept.args) - 1 :])[:4]
+    if k_axis % rank != axis or c.args[1] % rank != axis or start not in (0, None) or step != 1:
+        return None
+    if val(node).shape != val(c).shape:
+        return None
+    shift = int(val(zeros).shape[axis])
+    if shift != 1:
+        return f"the running sum of bucket states is shifted by {shift} buckets, not one"
+    return c.args[0], axis
+
+
+def _all_zero(node: Node) -> bool:
+    value = constant_value(node)
+    return value is not None and not bool(value.any())
 
 
 def _scaled(x: Node) -> tuple[float, Node]:
@@ -170,9 +202,21 @@ def _read_product_buckets(p: Product) -> Buckets | str | None:
         batch_roles = "".join(role[c] for c in batch)
         if sorted(q_roles) != sorted(batch_roles + "gcd") or sorted(out_roles) != sorted(batch_roles + "gce"):
             return "the queries or the output do not fit [batch, heads, buckets, C, D]"
-        k_roles, v_roles = "".join(role[c] for c in kl), "".join(role[c] for c in vl)
-        return Buckets(q_node, p1.a, p1.b, q_roles, k_roles, v_roles, out_roles, batch_roles, scale)
+        # k^T @ v: the bucketed k is the transpose's input (the intra part transposes it on its own)
+        k_node, k_roles = _untransposed(p1.a, "".join(role[c] for c in kl))
+        v_node, v_roles = _untransposed(p1.b, "".join(role[c] for c in vl))
+        return Buckets(q_node, k_node, v_node, q_roles, k_roles, v_roles, out_roles, batch_roles, scale)
     return None
+
+
+def _untransposed(node: Node, roles: str) -> tuple[Node, str]:
+    """(x, x's roles) when `node` is a transpose of x, else (node, roles)."""
+    if not is_call(node, aten.transpose.int):
+        return node, roles
+    r = list(roles)
+    i, j = (a % len(r) for a in node.args[1:3])
+    r[i], r[j] = r[j], r[i]
+    return node.args[0], "".join(r)
 
 
 def _through_transpose(node: Node, roles: dict[Node, str]) -> tuple[Node, str] | None:
