@@ -19,6 +19,7 @@ import torch.fx
 
 from fxfuse import families
 from fxfuse.backends import check_backend, resolve, triton_available
+from fxfuse.passes.buffer_values import guard_buffers, mark_buffers
 from fxfuse.passes.capture import aten_graph
 from fxfuse.passes.rewrite import check_whole_graph, rewrite_patterns
 from fxfuse.report import Report
@@ -69,17 +70,19 @@ def optimize_graph(
     # (activation checkpointing recompiling for a new input) those runs would count as the region's own.
     with torch.autograd.graph.saved_tensors_hooks(_same, _same):
         aten = _rewrite_graph(gm, example_inputs, options, report)
+    run = aten
     if options.compile_rest and isinstance(aten, torch.fx.GraphModule):
         from torch._inductor.compile_fx import compile_fx
 
         try:
-            return compile_fx(aten, list(example_inputs))
+            run = compile_fx(aten, list(example_inputs))
         except Exception as exc:
             # Left to dynamo, this error would make it run the whole frame eagerly, as the user wrote it,
             # while the report counted rewrites that never run: keep them, uncompiled.
             _warn(report, f"graph {report.graphs}: Inductor could not compile the rewritten graph "
                           f"({type(exc).__name__}: {_first_line(exc)}); it runs rewritten but uncompiled")
-    return aten
+    graph_id = report.graphs
+    return guard_buffers(run, gm.forward, aten, example_inputs, lambda m: report.notes.append(f"graph {graph_id}: {m}"))
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +107,7 @@ def _rewrite_graph(
         _warn(report, f"graph {graph_id}: could not re-trace to ATen ({type(exc).__name__}: {exc}); "
                       "it runs as dynamo captured it, unoptimized")
         return gm.forward
+    mark_buffers(gm, aten, example_inputs)
     # the graph trains when autograd is on and an input (a parameter, say) requires grad
     grad = [torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs]
     try:

@@ -5,10 +5,14 @@ a product and returns the semantic parameters (roles of q, k, v, scale, causal, 
 - quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
   what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
   masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
-  diagonal (proven by evaluating it), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
-  W / W.sum(-1, keepdim).clamp(min); W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp),
-  which is phi(q) . phi(k) for phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
-- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps).
+  diagonal (proven by evaluating it; a mask held in a module buffer is read at capture, and the compiled
+  graph is guarded on it: `buffer_values.py`), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
+  W / W.sum(-1, keepdim).clamp(min), also written W * (1 / ...) or W * reciprocal(...); W may also be
+  1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k) for
+  phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
+- already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps)
+  or 1 / clamp(q . sum(k), min), also as one 3-operand einsum(q, kv, z) (fast-transformers);
+- bucketed running sums of k^T v plus the intra-bucket causal part: `linear_attention_buckets.py`.
 Anything else between the products (softmax, relu^2: the attention family; a bias; an abs-sum
 normaliser; a mask that is not causal) is left alone, with the reason when it looked like this family.
 """
@@ -22,7 +26,9 @@ from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
+from fxfuse.passes.buffer_values import buffer_seed, buffers_read
+from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buckets
+from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, einsum_sides, is_call
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -58,14 +64,35 @@ def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
     return mode, eps
 
 
+def _divided(node: Node) -> list[tuple[Node, Node]]:
+    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x,
+    x * den ** -1 (`1 / den` reaches the graph as reciprocal(den))."""
+    if is_call(node, aten.div.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
+        return [(node.args[0], node.args[1])]
+    if not is_call(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
+        return []
+    a, b = node.args[:2]
+    return [(x, _reciprocal_of(r)) for x, r in ((a, b), (b, a)) if _reciprocal_of(r) is not None]
+
+
+def _reciprocal_of(node: Node) -> Node | None:
+    """x when `node` is 1 / x: reciprocal(x) (also how `1 / x` reaches the graph) or x ** -1."""
+    if is_call(node, aten.reciprocal.default):
+        return node.args[0]
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == -1:
+        return node.args[0]
+    return None
+
+
 def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
-    """(scores, normalize, eps) for W = S / rowsum(S)..., (W, "none", 0) for anything else."""
-    if is_call(w, aten.div.Tensor) and isinstance(w.args[1], Node):
-        found = _row_sum_of(w.args[1], w.args[0])
+    """(scores, normalize, eps) for W = S / rowsum(S)... or S * (1 / rowsum(S)...), (W, "none", 0) for
+    anything else."""
+    for x, den in _divided(w):
+        found = _row_sum_of(den, x)
         if isinstance(found, str):
             return found
         if found is not None:
-            return w.args[0], *found
+            return x, *found
     return w, "none", 0.0
 
 
@@ -110,7 +137,14 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
             return "the scores go through an op the fused op cannot express"
         const = constant_value(t.node)
         if const is None:
-            return "the scores are multiplied by a mask that is not a constant (a buffer or an input)"
+            # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
+            seed = buffer_seed(t.node.graph.owning_module)
+            const = constant_value(t.node, dict(seed)) if seed else None
+            if const is None:
+                return (
+                    "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
+                )
+            out.buffers += [b for b in buffers_read(t.node, seed) if b not in out.buffers]
         out.constants[t.node] = const
         if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
             rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
@@ -180,7 +214,7 @@ def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
 def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
     # W @ v with W = (q @ k^T) [* constant mask or decay] [/ row-sum] -> linear_attention(q, k, v)
     pv = read_product(node)
-    if pv is None or pv.bias is not None or pv.alpha != 1.0:
+    if pv is None or pv.bias is not None or pv.alpha != 1.0 or defers_to_buckets(node):
         return None
     for which, w_node in (("a", pv.a), ("b", pv.b)):
         found = _normaliser(w_node)
@@ -256,10 +290,11 @@ def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | Non
     if len(out.users) != 1:
         return None
     user = next(iter(out.users))
-    if not is_call(user, aten.div.Tensor) or user.args[0] is not out or not isinstance(user.args[1], Node):
-        return None
-    found = _row_sum_of(user.args[1], scores)
-    return (user, *found) if isinstance(found, tuple) else None
+    for x, den in _divided(user):
+        found = _row_sum_of(den, scores) if x is out else None
+        if isinstance(found, tuple):
+            return user, *found
+    return None
 
 
 def _looks_like_scores(ps: Product, pv: Product) -> bool:
@@ -288,14 +323,21 @@ def _kv_product(node: Node) -> KV | None:
     if p2 is None or p2.bias is not None or p2.alpha != 1.0:
         return None
     for side, operand in (("b", p2.b), ("a", p2.a)):
-        seq_dim = None
-        if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
-            seq_dim = operand.args[1] % val(operand).dim()
-            operand = operand.args[0]
-        p1 = read_product(operand)
-        if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
-            if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
-                return KV(p2, side, p1, seq_dim)
+        found = _kv_operand(p2, side, operand)
+        if found is not None:
+            return found
+    return None
+
+
+def _kv_operand(p2: Product, side: str, operand: Node) -> KV | None:
+    seq_dim = None
+    if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
+        seq_dim = operand.args[1] % val(operand).dim()
+        operand = operand.args[0]
+    p1 = read_product(operand)
+    if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
+        if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
+            return KV(p2, side, p1, seq_dim)
     return None
 
 
@@ -340,52 +382,110 @@ def _linear_roles(kv: KV) -> Roles | str:
     return Roles(batch_roles, sizes, q, k, v, out_labels, batch_roles + "nm")
 
 
-def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, float] | None:
-    """(numerator, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or num / (...)[..., None],
-    ksum = k summed over the sequence (non-causal) or its cumsum (causal)."""
-    if not is_call(node, aten.mul.Tensor, aten.div.Tensor) or not all(isinstance(a, Node) for a in node.args):
+def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, str, float] | None:
+    """(numerator, normalize, eps) when `node` is num * (1 / (q . ksum + eps))[..., None] or
+    num / (...)[..., None] (or the clamp(min=eps) of q . ksum), ksum = k summed over the sequence
+    (non-causal) or its cumsum (causal)."""
+    if not roles.out_labels.endswith("e"):
         return None
-    num, r = node.args
-    if node.target is aten.mul.Tensor and not is_call(r, aten.unsqueeze.default):
-        num, r = r, num
-    if not is_call(r, aten.unsqueeze.default) or r.args[1] % val(r).dim() != val(r).dim() - 1:
-        return None
-    den = r.args[0]
-    if node.target is aten.mul.Tensor:
-        if not is_call(den, aten.reciprocal.default):
+    readings = [(num, r.args[0]) for num, r in _divided(node) if _last_axis_added(r)]
+    if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
+        # num * reciprocal(den)[..., None]: the reciprocal taken before the broadcast axis is added
+        pairs = (node.args[:2], node.args[1::-1])
+        readings += [(num, _reciprocal_of(u.args[0])) for num, u in pairs
+                     if _last_axis_added(u) and _reciprocal_of(u.args[0]) is not None]  # fmt: skip
+    for num, den in readings:
+        found = _row_denominator(den, roles, causal, roles.out_labels[:-1])
+        if found is not None:
+            return num, *found
+    return None
+
+
+def _last_axis_added(node: Node) -> bool:
+    return is_call(node, aten.unsqueeze.default) and node.args[1] % val(node).dim() == val(node).dim() - 1
+
+
+def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[str, float] | None:
+    """(normalize, eps) when `den` is q . ksum + eps (either order) or (q . ksum).clamp(min=eps), its axes
+    playing the roles `rows` (the output's without e), ksum = k summed over the sequence (non-causal)
+    or its cumsum (causal)."""
+    mode, eps = "eps", 0.0
+    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args[:2]):
+        number = 1 if isinstance(den.args[1], (int, float)) else 0
+        den, eps = den.args[1 - number], float(den.args[number])
+    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
             return None
-        den = den.args[0]
-    eps = 0.0
-    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], (int, float)):
-        den, eps = den.args[0], float(den.args[1])
+        den, mode, eps = den.args[0], "clamp", float(den.args[1])
     pd = read_product(den)
     q, k = roles.q, roles.k
     if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
         return None
     (ql, sl, ksum) = (pd.a_labels, pd.b_labels, pd.b) if pd.a is q.node else (pd.b_labels, pd.a_labels, pd.a)
-    seq = k.labels.index("m")
+    k_labels = k.labels
+    if is_call(k.node, aten.transpose.int) and is_call(ksum, aten.sum.dim_IntList, aten.cumsum.default):
+        if ksum.args[0] is k.node.args[0]:  # k^T @ v beside k.sum(seq): the sum reads k before the transpose
+            i, j = (a % len(k_labels) for a in k.node.args[1:3])
+            swapped = list(k_labels)
+            swapped[i], swapped[j] = swapped[j], swapped[i]
+            k_labels = "".join(swapped)
+    seq = k_labels.index("m")
+    source = k.node if k_labels == k.labels else k.node.args[0]
     if causal:
         ok = is_call(ksum, aten.cumsum.default) and ksum.args[1] % val(ksum).dim() == seq
-        ks_roles = k.labels.replace("m", "n")
+        ks_roles = k_labels.replace("m", "n")
     else:
         keep = len(ksum.args) > 2 and ksum.args[2]
-        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(k.node).dim() for d in ksum.args[1]] == [seq]
-        ks_roles = k.labels.replace("m", "")
-    if not ok or ksum.args[0] is not k.node:
+        ok = is_call(ksum, aten.sum.dim_IntList) and not keep and [d % val(source).dim() for d in ksum.args[1]] == [seq]
+        ks_roles = k_labels.replace("m", "")
+    if not ok or ksum.args[0] is not source:
         return None
     role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
     contracted = [c for c in ql if c in sl and c not in pd.out_labels]
-    if [role[c] for c in contracted] != ["d"] or "".join(
-        role.get(c, "?") for c in pd.out_labels
-    ) + "e" != roles.out_labels:
+    if [role[c] for c in contracted] != ["d"] or "".join(role.get(c, "?") for c in pd.out_labels) != rows:
         return None  # q . ksum must contract d only and line up with the numerator's rows
-    return num, eps
+    return mode, eps
+
+
+def _three_way(node: Node) -> tuple[Node, KV, str] | None:
+    """(z, the q @ kv reading, z's labels) when `node` is einsum("q,kv,z->out", q, kv, z) with z only
+    scaling output rows (fast-transformers' `einsum("nlhd,nhmd,nlh->nlhm", Q, KV, Z)`)."""
+    spelled = einsum_sides(node) if is_call(node, aten.einsum.default) and len(node.args[1]) == 3 else None
+    if spelled is None:
+        return None
+    sides, out = spelled
+    for i in range(3):
+        zl, (la, lb) = sides[i], [sd for j, sd in enumerate(sides) if j != i]
+        ops = [t for j, t in enumerate(node.args[1]) if j != i]
+        if any(c not in out for c in zl) or any(c not in la + lb for c in out):
+            continue  # z must only scale output rows
+        if any(len(set(x)) != len(x) for x in (zl, la, lb, out)):
+            continue  # a repeated label is a diagonal
+        p2 = Product(node, ops[0], ops[1], la, lb, out)
+        for side, operand in (("b", p2.b), ("a", p2.a)):
+            found = _kv_operand(p2, side, operand)
+            if found is not None:
+                return node.args[1][i], found, zl
+    return None
 
 
 def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
     # q @ (k^T v) or q @ cumsum(k v^T) [/ (q . sum(k) + eps), / (q . cumsum(k) + eps)] -> linear_attention
     found, normalized = _kv_product(node), None
-    if found is not None:
+    three = _three_way(node) if found is None else None
+    if three is not None:
+        # einsum(q, kv, z) with z = 1 / (q . sum(k) + eps) on the rows: the normaliser inside the product
+        z, found, z_labels = three
+        roles = _linear_roles(found)
+        if isinstance(roles, str) or _reciprocal_of(z) is None or len(z.users) != 1:
+            return None
+        causal = found.seq_dim is not None
+        rows = "".join(roles.out_labels[found.p2.out_labels.index(c)] for c in z_labels)
+        normalized = _row_denominator(_reciprocal_of(z), roles, causal, rows)
+        if normalized is None or "e" in rows or sorted(rows + "e") != sorted(roles.out_labels):
+            return None
+        normalized = (None, *normalized)
+    elif found is not None:
         roles = _linear_roles(found)
         if isinstance(roles, str):
             return None
@@ -407,13 +507,13 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
             return None
     w = Weights(causal=causal)
     if normalized is not None:
-        w.normalize, w.eps = "eps", normalized[1]
+        w.normalize, w.eps = normalized[1:]
     variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"
     site = build_site(node, node, roles, w, backend, variant)
     return _reject(node, site, variant) if isinstance(site, str) else site
 
 
-RULES = (match_quadratic, match_already_linear)
+RULES = (match_quadratic, match_already_linear, match_buckets)
 
 
 def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site | Rejection]:

@@ -9,6 +9,7 @@ import torch
 from torch.fx import Graph, Node
 
 from fxfuse.passes.attention_layout import Operand, apply_steps, layout_steps, peel_qkv, val
+from fxfuse.passes.buffer_values import buffer_name
 from fxfuse.passes.site import Site
 
 aten = torch.ops.aten
@@ -17,6 +18,25 @@ PATTERN = "linear_attention"
 
 def is_call(node: object, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def einsum_sides(node: Node) -> tuple[list[str], str] | None:
+    """(operand subscripts, output subscripts) of an einsum node with `...` spelled out in fresh letters,
+    right-aligned as einsum broadcasts them (the output's ellipsis is the widest operand's)."""
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or any(val(t) is None for t in node.args[1]):
+        return None
+    lhs, out = eq.split("->")
+    sides = lhs.split(",")
+    if len(sides) != len(node.args[1]):
+        return None
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+    widths = [val(t).dim() - len(sd.replace("...", "")) if "..." in sd else 0 for sd, t in zip(sides, node.args[1])]
+    if min(widths) < 0 or max(widths) > len(fresh):
+        return None
+    pool = fresh[: max(widths)]
+    spell = lambda sd, w: sd.replace("...", pool[len(pool) - w :] if w else "")  # noqa: E731
+    return [spell(sd, w) for sd, w in zip(sides, widths)], spell(out, len(pool))
 
 
 @dataclass
@@ -42,6 +62,7 @@ class Weights:
     normalize: str = "none"
     eps: float = 0.0
     constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
+    buffers: list[Node] = field(default_factory=list)  # buffer placeholders those values were read from
     taylor: float | None = None  # the weights are 1 + s + s²/2 of s = taylor * (q . k) (a Taylor exp)
 
 
@@ -147,8 +168,12 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
     elif w.causal:
         parts.append("causal")
+    if w.buffers:
+        names = ", ".join(buffer_name(b) for b in w.buffers)
+        parts.append(f"mask from buffer {names} (value checked per call)")
     if fold and kv_heads != sizes.get("h", 1):
         parts.append(f"gqa {sizes['h']}:{kv_heads}")
     name = linear_attention_backend(backend, val(q.node).device, q_dtype, features, sizes["e"])[0]
     gen = _input_gen(constants, w.normalize != "none")
-    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
+    return Site(PATTERN, ", ".join(parts), anchor, output, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen,
+                reads_buffers=list(w.buffers))  # fmt: skip

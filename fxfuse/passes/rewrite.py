@@ -13,6 +13,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from fxfuse import families
+from fxfuse.passes.buffer_values import BAKED_KEY
 from fxfuse.passes.capture import location
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.verify import (
@@ -254,6 +255,9 @@ def rewrite_patterns(
                 record.reason = "not verified (verify=False)"
             apply_site(gm, site, region)
             record.status = "applied"
+            if site.reads_buffers:
+                placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+                gm.meta.setdefault(BAKED_KEY, []).extend(placeholders.index(n) for n in site.reads_buffers)
     gm.graph.lint()
     gm.recompile()
     return gm, rewrites, notes

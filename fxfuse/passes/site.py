@@ -39,6 +39,9 @@ class Site:
     # region nodes that code outside the region reads besides `output` (a scan's final state); their uses are
     # redirected to emit's further results, and verification compares them too
     extra_outputs: list[Node] = field(default_factory=list)
+    # buffer placeholders whose value at capture the fused op relies on (a causal mask proven causal):
+    # the compiled graph is guarded on them (see `passes/buffer_values.py`)
+    reads_buffers: list[Node] = field(default_factory=list)
 
 
 @dataclass
