@@ -115,6 +115,8 @@ def _intra(node: Node) -> tuple[Roles, Weights, Node] | str | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return f"the intra-chunk scores: {weights}"
+        if not weights.causal and roles.sizes["n"] == 1 == roles.sizes["m"]:
+            weights.causal = True  # a one-row chunk (the last of a ragged loop) is causal, its mask folded away
         if not weights.causal:
             return "the intra-chunk scores are not causally masked: not a causal chunk loop"
         return roles, weights, w_node
@@ -398,6 +400,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     """The causal linear attention the loop computes (as chunk 0's roles over the whole sequence), or why not."""
     first = chunks[0]
     for i, c in enumerate(chunks[1:], 1):
+        if c.length == 1 and c.weights.decay is None:
+            c.weights.decay = first.weights.decay  # gamma^0: a one-row chunk's decay matrix is [[1]]
         if _signature(c) != _signature(first):
             return f"chunk {i} differs from chunk 0 (sources, scale, decay, normaliser or layout)"
     size = first.length
@@ -446,8 +450,10 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
         for node, value in c.weights.constants.items():
             w.constants.setdefault(node, value)
         factor_nodes = [f[0] for f in c.factors.values()] + [f[0] for f in updates[i].values()]
-        for node in factor_nodes + ([c.state_in, c.norm_in] if i == 0 else []):
-            if node is not None and node not in inputs:
+        # a zero state made from q (q.new_zeros) stays in the region: as an input it would look differentiated
+        zeros = [n for n in (c.state_in, c.norm_in) if n is not None and not set(n.all_input_nodes) <= inputs]
+        for node in factor_nodes + (zeros if i == 0 else []):
+            if node not in inputs:
                 value = constant_value(node)
                 w.constants.setdefault(node, torch.zeros(val(node).shape, dtype=val(node).dtype)
                                        if value is None else value)  # fmt: skip
