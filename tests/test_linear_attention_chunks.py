@@ -31,14 +31,22 @@ def _check_against_float64(model: nn.Module, x: torch.Tensor, opt: nn.Module) ->
         assert _rel(g, w) < 1e-4
 
 
+class Fn(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
 LOOPS = {
     "plain-16": (ChunkedLinearLayer, 16, "chunk loop (4 chunks of 4) → 1 op, φ=relu, no normaliser, causal"),
     "plain-14-ragged": (ChunkedLinearLayer, 14, "chunk loop (4 chunks of 4, last 2) → 1 op"),
-    "retention-16": (ChunkedRetentionLayer, 16, "causal, decay 0.9688/0.9844"),
-    "retention-14-ragged": (ChunkedRetentionLayer, 14, "last 2) → 1 op"),
-    "normalised-16": (ChunkedNormalisedLayer, 16, "φ=elu+1, row-sum + 1e-06, causal"),
+    "retention-14-ragged": (ChunkedRetentionLayer, 14, "last 2) → 1 op, φ, no normaliser, causal, decay 0.9688/0.9844"),
+    "normalised-16": (ChunkedNormalisedLayer, 16, "of 4) → 1 op, φ=elu+1, row-sum + 1e-06, causal"),
     "normalised-13-ragged": (ChunkedNormalisedLayer, 13, "chunk loop (4 chunks of 4, last 1) → 1 op"),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(LOOPS))
@@ -51,6 +59,30 @@ def test_chunk_loop_rerolled_and_verified(name):
     assert rep.count("linear_attention") == 1 and len(rep.rewrites) == 1, str(rep)
     assert phrase in rep.rewrites[0].variant, rep.rewrites[0].variant
     _check_against_float64(model, torch.randn_like(x), opt)
+
+
+def split_einsum_state_from_none(q, k, v, chunk=4):
+    # chunks from torch.split, einsum products, the state created by the first chunk (no zeros, no inter term)
+    state, outs = None, []
+    for qi, ki, vi in zip(q.split(chunk, 2), k.split(chunk, 2), v.split(chunk, 2)):
+        c = qi.shape[2]
+        scores = torch.einsum("bhnd,bhmd->bhnm", qi, ki) * torch.tril(torch.ones(c, c))
+        out = torch.einsum("bhnm,bhme->bhne", scores, vi)
+        outs.append(out if state is None else out + torch.einsum("bhnd,bhde->bhne", qi, state))
+        kv = torch.einsum("bhmd,bhme->bhde", ki, vi)
+        state = kv if state is None else state + kv
+    return torch.cat(outs, dim=2)
+
+
+def test_split_einsum_loop_starting_from_none():
+    model = Fn(split_einsum_state_from_none)
+    inputs = tuple(torch.randn(2, 2, 18, 8) for _ in range(3))
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1 and "(5 chunks of 4, last 2) → 1 op" in rep.rewrites[0].variant, rep
+    with torch.no_grad():
+        got, want = opt(*inputs), model(*(x.double() for x in inputs))
+    assert _rel(got, want) < 1e-5
 
 
 # --- near misses: recognised as a chunk loop, left exactly as written ---------------------------------
@@ -90,15 +122,6 @@ def wrong_decay_factor(q, k, v, chunk=4):
         outs.append(((qi @ ki.transpose(-1, -2)) * decay) @ vi + (qi @ state) * gamma ** (r + 1).view(chunk, 1))
         state = state * gamma**chunk + ki.transpose(-1, -2) @ (vi * gamma ** r.view(chunk, 1))
     return torch.cat(outs, dim=2)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, q, k, v):
-        return self.fn(q, k, v)
 
 
 class FinalStateReturned(nn.Module):

@@ -133,16 +133,17 @@ def _read_chunk(out: Node) -> Chunk | str | None:
     num, den = out, None
     if is_call(out, aten.div.Tensor) and isinstance(out.args[1], Node):
         num, den = out.args
-    if not is_call(num, aten.add.Tensor) or len(num.args) != 2 or num.kwargs.get("alpha", 1) != 1:
-        return None
     found, inter = None, None
-    for intra, other in (num.args, num.args[::-1]):
-        found = _intra(intra) if isinstance(intra, Node) else None
-        if found is not None:
-            inter = other
-            break
+    if is_call(num, aten.add.Tensor) and len(num.args) == 2 and num.kwargs.get("alpha", 1) == 1:
+        for intra, other in (num.args, num.args[::-1]):
+            found = _intra(intra) if isinstance(intra, Node) else None
+            if found is not None:
+                inter = other
+                break
     if found is None:
-        return None
+        found = _intra(num)  # no inter-chunk term: the first chunk of a loop whose state starts as None
+        if found is None:
+            return None
     if isinstance(found, str):
         return found
     roles, weights, scores = found
@@ -162,7 +163,7 @@ def _read_chunk(out: Node) -> Chunk | str | None:
     scale = weights.scale * peeled[0].scale * peeled[1].scale * peeled[2].scale
     roles = Roles(roles.batch, roles.sizes, *peeled, roles.out_labels, roles.scores_labels)
     chunk = Chunk(out, roles, weights, scale, (seq[0], *slices[0][2:]), tuple(s[0] for s in slices), None, None)
-    problem = _read_inter(chunk, inter)
+    problem = None if inter is None else _read_inter(chunk, inter)
     if problem is None and den is not None:
         problem = _read_normaliser(chunk, den, scores)
     return problem or chunk
@@ -266,17 +267,16 @@ def _is_zero_state(node: Node) -> bool:
 def _read_update(node: Node, prev: Chunk, key_sum: bool) -> tuple[Node, dict[str, tuple]] | str:
     """node = S [⊙ δ] + kᵀ (v ⊙ ζ) (key_sum: z [⊙ δ] + Σ_rows k ⊙ ζ) of chunk `prev`: (S, factors)."""
     what = "key-sum state" if key_sum else "state"
-    if not is_call(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-        return f"the {what} is not updated by adding the chunk's contribution (reset, or another recurrence)"
     want_state = prev.norm_in if key_sum else prev.state_in
-    for carried, added in (node.args, node.args[::-1]):
-        if not isinstance(carried, Node) or not isinstance(added, Node):
-            continue
-        old, delta = _strip_factor(carried)
-        if old is want_state:
-            break
-    else:
-        return f"the {what} is not carried from one chunk to the next (reset each chunk?)"
+    old, delta, added = None, None, node  # no state before `prev`: the state is its contribution alone
+    if want_state is not None:
+        if not is_call(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            return f"the {what} is not updated by adding the chunk's contribution (reset, or another recurrence)"
+        carried = [(a, b) for a, b in (node.args, node.args[::-1]) if isinstance(a, Node) and isinstance(b, Node)
+                   and _strip_factor(a)[0] is want_state]  # fmt: skip
+        if not carried:
+            return f"the {what} is not carried from one chunk to the next (reset each chunk?)"
+        (old, delta), added = _strip_factor(carried[0][0]), carried[0][1]
     factors = {}
     k_slice, v_slice = (_slice_of(prev.roles.k.node), _slice_of(prev.roles.v.node))
     if key_sum:
@@ -333,6 +333,8 @@ def _check_decay(chunks: list[Chunk], updates: list[dict], gamma: torch.Tensor |
                 return f"chunk {i} multiplies by a decay factor ({next(iter(found))}) but its scores have no decay"
             continue
         needed = {"ξ"} | ({"δ", "ζ"} if i + 1 < len(chunks) else set())
+        if chunk.state_in is None:  # the first chunk of a loop starting from None: no inter term, nothing carried
+            needed -= {"ξ", "δ"}
         if normalised:
             needed |= {f"{n} of the key sum" if n != "ξ" else "ξ of the normaliser" for n in needed}
         missing = needed - set(found)
@@ -399,6 +401,8 @@ def _signature(c: Chunk) -> tuple:
 def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[list[Node]]] | str:
     """The causal linear attention the loop computes (as chunk 0's roles over the whole sequence), or why not."""
     first = chunks[0]
+    if first.state_in is None:  # no inter term to read the state's layout from: chunk 1's
+        first.state_roles = chunks[1].state_roles
     for i, c in enumerate(chunks[1:], 1):
         if c.length == 1 and c.weights.decay is None:
             c.weights.decay = first.weights.decay  # gamma^0: a one-row chunk's decay matrix is [[1]]
@@ -415,8 +419,10 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     dim = per_step_outputs(anchor)[1] % rank
     if anchor.target is not aten.cat.default or first.roles.out_labels[dim] != "n":
         return "the chunk outputs are not concatenated along the sequence axis"
-    if not _is_zero_state(first.state_in) or first.norm_in is not None and not _is_zero_state(first.norm_in):
+    if any(s is not None and not _is_zero_state(s) for s in (first.state_in, first.norm_in)):
         return "the loop starts from a state that is not zero"
+    if any(c.state_in is None for c in chunks[1:]):
+        return "a chunk after the first has no inter-chunk term: the chunks are not chained by a state"
     updates = [{}]
     for i in range(1, len(chunks)):
         factors = {}
