@@ -42,7 +42,6 @@ class Fn(nn.Module):
 
 LOOPS = {
     "plain-16": (ChunkedLinearLayer, 16, "chunk loop (4 chunks of 4) → 1 op, φ=relu, no normaliser, causal"),
-    "plain-14-ragged": (ChunkedLinearLayer, 14, "chunk loop (4 chunks of 4, last 2) → 1 op"),
     "retention-14-ragged": (ChunkedRetentionLayer, 14, "last 2) → 1 op, φ, no normaliser, causal, decay 0.9688/0.9844"),
     "normalised-16": (ChunkedNormalisedLayer, 16, "of 4) → 1 op, φ=elu+1, row-sum + 1e-06, causal"),
     "normalised-13-ragged": (ChunkedNormalisedLayer, 13, "chunk loop (4 chunks of 4, last 1) → 1 op"),

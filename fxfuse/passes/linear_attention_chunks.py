@@ -387,9 +387,10 @@ def _isomorphic(bodies: list[list[Node]], full: int) -> None:
 
 
 def _covered(outputs: list[Node]) -> set[Node]:
-    """Nodes some chunk output needs and another does not: the loop's own nodes, not what runs before it."""
-    sets = [_ancestors([o], set()) for o in outputs]
-    return set.union(*sets) - set.intersection(*sets)
+    """The loop's own nodes (as far as its products go): what the chunk outputs need short of what both the
+    first and the last need (the model before the loop); two walks whatever the number of chunks."""
+    before = _ancestors([outputs[0]], set()) & _ancestors([outputs[-1]], set())
+    return _ancestors(outputs, before)
 
 
 def _signature(c: Chunk) -> tuple:
