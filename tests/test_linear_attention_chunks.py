@@ -17,16 +17,17 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _check_against_float64(model: nn.Module, x: torch.Tensor, opt: nn.Module) -> None:
-    """Output and gradients (input and parameters) of `opt` within 1e-4 of the original run in float64."""
+    """Outputs and gradients (input and parameters) of `opt` within 1e-4 of the original run in float64."""
     wide = x.double().requires_grad_()
     params64 = {k: p.detach().double().requires_grad_() for k, p in model.named_parameters()}
-    want = torch.func.functional_call(model, params64, (wide,))
+    want = torch.utils._pytree.tree_leaves(torch.func.functional_call(model, params64, (wide,)))
     mine = x.clone().requires_grad_()
-    got = opt(mine)
-    assert got.dtype == torch.float32 and _rel(got.detach(), want.detach()) < 1e-4
-    cotangent = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, [wide, *params64.values()], cotangent)
-    got_grads = torch.autograd.grad(got, [mine, *model.parameters()], cotangent.float())
+    got = torch.utils._pytree.tree_leaves(opt(mine))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and _rel(g.detach(), w.detach()) < 1e-4
+    cotangents = [torch.randn_like(w) for w in want]
+    want_grads = torch.autograd.grad(want, [wide, *params64.values()], cotangents)
+    got_grads = torch.autograd.grad(got, [mine, *model.parameters()], [c.float() for c in cotangents])
     for g, w in zip(got_grads, want_grads, strict=True):
         assert _rel(g, w) < 1e-4
 
@@ -84,6 +85,40 @@ def test_split_einsum_loop_starting_from_none():
     assert _rel(got, want) < 1e-5
 
 
+class RetentionReturningState(nn.Module):
+    """Chunkwise retention (per-head decay, ragged last chunk) that also returns the state it ends with, as a
+    recurrent cache for the next segment: the fused op's output plus that state computed from k and v."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, chunk: int = 4) -> None:
+        super().__init__()
+        self.heads, self.chunk, self.qkv = heads, chunk, nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        gamma = (1 - torch.exp2(-2 - torch.arange(self.heads, dtype=torch.float32))).view(-1, 1, 1)
+        state, outs = q.new_zeros(b, self.heads, q.shape[-1], v.shape[-1]), []
+        for i in range(0, n, self.chunk):
+            qi, ki, vi = q[:, :, i : i + self.chunk], k[:, :, i : i + self.chunk], v[:, :, i : i + self.chunk]
+            c = qi.shape[2]
+            r = torch.arange(c, dtype=torch.float32)
+            dist = r[:, None] - r[None, :]
+            decay = torch.where(dist >= 0, gamma ** dist.clamp(min=0), 0.0)
+            outs.append(((qi @ ki.transpose(-1, -2)) * decay) @ vi + (qi @ state) * gamma ** (r + 1).view(c, 1))
+            state = state * gamma**c + ki.transpose(-1, -2) @ (vi * gamma ** (c - 1 - r).view(c, 1))
+        return torch.cat(outs, dim=2), state
+
+
+def test_final_state_returned_is_a_second_output():
+    torch.manual_seed(0)
+    model, x = RetentionReturningState(), torch.randn(2, 14, 16)
+    opt = fxfuse.optimize(model.train(), (x,), patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1 and len(rep.rewrites) == 1, str(rep)
+    assert "(4 chunks of 4, last 2) → 1 op, final state" in rep.rewrites[0].variant, rep.rewrites[0].variant
+    _check_against_float64(model, torch.randn_like(x), opt)
+
+
 # --- near misses: recognised as a chunk loop, left exactly as written ---------------------------------
 
 
@@ -123,17 +158,18 @@ def wrong_decay_factor(q, k, v, chunk=4):
     return torch.cat(outs, dim=2)
 
 
-class FinalStateReturned(nn.Module):
-    """The loop's final state returned with the outputs (a recurrent cache): the fused op has no such output."""
+class StateReadMidLoop(nn.Module):
+    """The state after chunk 1 returned with the outputs: only the state the loop ends with is computed."""
 
     def forward(self, q, k, v):
         b, h, n, d = q.shape
-        state, outs, mask = q.new_zeros(b, h, d, v.shape[-1]), [], torch.tril(torch.ones(4, 4))
+        state, outs, mask, kept = q.new_zeros(b, h, d, v.shape[-1]), [], torch.tril(torch.ones(4, 4)), []
         for i in range(0, n, 4):
             qi, ki, vi = q[:, :, i : i + 4], k[:, :, i : i + 4], v[:, :, i : i + 4]
             outs.append(((qi @ ki.transpose(-1, -2)) * mask) @ vi + qi @ state)
             state = state + ki.transpose(-1, -2) @ vi
-        return torch.cat(outs, dim=2), state
+            kept.append(state)
+        return torch.cat(outs, dim=2), kept[1]
 
 
 NEAR_MISSES = {
@@ -144,7 +180,7 @@ NEAR_MISSES = {
     "one_chunk_scaled": (Fn(lambda q, k, v: _loop(q, k, v, odd_chunk=2)), "chunk 2"),
     "one_chunk_spelled_differently": (Fn(lambda q, k, v: _loop(q, k, v, einsum_chunk=2)), "bodies differ"),
     "wrong_decay_factor": (Fn(wrong_decay_factor), "decay factor ζ"),
-    "final_state_returned": (FinalStateReturned(), "final state"),
+    "state_read_mid_loop": (StateReadMidLoop(), "after the loop reads"),
 }  # fmt: skip
 
 

@@ -20,11 +20,12 @@ reset or not carried, bodies that differ, a final state read after the loop, fac
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, peel, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
@@ -327,12 +328,12 @@ def _check_decay(chunks: list[Chunk], updates: list[dict], gamma: torch.Tensor |
     rows = {"ξ": ("n", lambda r, n: r + 1), "ζ": ("m", lambda r, n: n - 1 - r), "δ": (None, None)}
     normalised = chunks[0].norm_in is not None
     for i, chunk in enumerate(chunks):
-        found = dict(chunk.factors) | (updates[i + 1] if i + 1 < len(chunks) else {})
+        found = dict(chunk.factors) | (updates[i + 1] if i + 1 < len(updates) else {})
         if gamma is None:
             if found:
                 return f"chunk {i} multiplies by a decay factor ({next(iter(found))}) but its scores have no decay"
             continue
-        needed = {"ξ"} | ({"δ", "ζ"} if i + 1 < len(chunks) else set())
+        needed = {"ξ"} | ({"δ", "ζ"} if i + 1 < len(updates) else set())
         if chunk.state_in is None:  # the first chunk of a loop starting from None: no inter term, nothing carried
             needed -= {"ξ", "δ"}
         if normalised:
@@ -360,14 +361,15 @@ def _ancestors(roots: list[Node], stop: set[Node]) -> set[Node]:
     return seen
 
 
-def _bodies(chunks: list[Chunk]) -> list[list[Node]]:
+def _bodies(chunks: list[Chunk], final: Node | None) -> list[list[Node]]:
     """Chunk i's nodes: what its output and the states it hands on need that no earlier chunk computed."""
     order = {n: j for j, n in enumerate(chunks[0].output.graph.nodes)}
     seen: set[Node] = set()
     bodies = []
     for i, chunk in enumerate(chunks):
         nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-        roots = [chunk.output] + ([] if nxt is None else [n for n in (nxt.state_in, nxt.norm_in) if n is not None])
+        hands_on = [final] if nxt is None else [nxt.state_in, nxt.norm_in]
+        roots = [chunk.output] + [n for n in hands_on if n is not None]
         body = _ancestors(roots, seen)
         seen |= body
         bodies.append(sorted(body, key=order.__getitem__))
@@ -399,7 +401,7 @@ def _signature(c: Chunk) -> tuple:
     return c.sources, c.scale, c.weights.decay, c.eps, c.norm_in is None, c.state_roles, labels, c.roles.out_labels
 
 
-def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[list[Node]]] | str:
+def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[list[Node]], Node | None] | str:
     """The causal linear attention the loop computes (as chunk 0's roles over the whole sequence), or why not."""
     first = chunks[0]
     if first.state_in is None:  # no inter term to read the state's layout from: chunk 1's
@@ -433,11 +435,15 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
                 return f"chunk {i}: {found}"
             factors |= found[1]
         updates.append(factors)
+    final = _final_update(chunks[-1])
+    if final is not None:
+        updates.append(final[1])
+        final = final[0]
     gamma = None if first.weights.decay is None else torch.tensor(first.weights.decay, dtype=torch.float64)
     problem = _check_decay(chunks, updates, gamma)
     if problem is not None:
         return problem
-    bodies = _bodies(chunks)
+    bodies = _bodies(chunks, final)
     try:
         _isomorphic(bodies, len(chunks) - 1)  # the last chunk hands on no state (and may be shorter)
     except NotALoop as exc:
@@ -446,9 +452,9 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     for body in bodies[1:]:
         for node in body:
             outside = [u for u in node.users if u not in inside]
-            if outside:
+            if outside and node is not final:
                 return (f"{outside[0].name} after the loop reads {node.name} (the final state?): "
-                        "the fused op returns the outputs only")
+                        "only the state the loop ends with can be returned")
     w = Weights(scale=first.scale, causal=True, decay=first.weights.decay)
     if first.norm_in is not None:
         w.normalize, w.eps = "eps", first.eps
@@ -457,6 +463,7 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
         for node, value in c.weights.constants.items():
             w.constants.setdefault(node, value)
         factor_nodes = [f[0] for f in c.factors.values()] + [f[0] for f in updates[i].values()]
+        factor_nodes += [f[0] for f in updates[-1].values()] if final is not None and i + 1 == len(chunks) else []
         # a zero state made from q (q.new_zeros) stays in the region: as an input it would look differentiated
         zeros = [n for n in (c.state_in, c.norm_in) if n is not None and not set(n.all_input_nodes) <= inputs]
         for node in factor_nodes + (zeros if i == 0 else []):
@@ -464,7 +471,7 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
                 value = constant_value(node)
                 w.constants.setdefault(node, torch.zeros(val(node).shape, dtype=val(node).dtype)
                                        if value is None else value)  # fmt: skip
-    return first, w, bodies
+    return first, w, bodies, final
 
 
 def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
@@ -483,7 +490,7 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     found = analyze(anchor, chunks)
     if isinstance(found, str):
         return Rejection(PATTERN, variant, anchor, found)
-    first, w, _ = found
+    first, w, bodies, final = found
     size, last = first.length, chunks[-1].length
     variant = f"chunk loop ({n} chunks of {size}" + (f", last {last})" if last != size else ")") + " → 1 op"
     whole = val(first.sources[0]).shape[first.span[0]]
@@ -491,8 +498,59 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     roles = Roles(first.roles.batch, sizes, *(Operand(src, op.labels) for src, op in
                   zip(first.sources, (first.roles.q, first.roles.k, first.roles.v))),
                   first.roles.out_labels, first.roles.scores_labels)  # fmt: skip
-    site = build_site(anchor, anchor, roles, w, backend, variant)
+    site = build_site(anchor, anchor, roles, w, backend, variant + (", final state" if final is not None else ""))
+    if isinstance(site, Site) and final is not None:
+        site = _with_final_state(site, first, final, _ancestors([final], set(site.inputs)))
     return Rejection(PATTERN, variant, anchor, site) if isinstance(site, str) else site
+
+
+def _final_update(last: Chunk) -> tuple[Node, dict] | None:
+    """(the state after the last chunk, its update's factors) when the graph computes it (something after
+    the loop reads it), else None."""
+    if last.state_in is None:
+        return None
+    near = [u for u in last.state_in.users]
+    for node in near + [v for u in near if is_call(u, aten.mul.Tensor) for v in u.users]:
+        found = _read_update(node, last, False) if is_call(node, aten.add.Tensor) else None
+        if isinstance(found, tuple):
+            return node, found[1]
+    return None
+
+
+def _with_final_state(site: Site, first: Chunk, final: Node, own: set[Node]) -> Site | str:
+    """`site` that also returns the final state S = Σ_m gamma^(N - 1 - m) k_mᵀ v_m, computed from k and v."""
+    ks, vs = first.sources[1:]
+    decay = first.weights.decay
+    if ks not in site.inputs or vs not in site.inputs:
+        return "the final state is read after the loop and k or v reach the fused op re-laid out"
+    if decay is not None and min(decay) <= 0:
+        return "the final state is read after the loop and a decay factor is 0"
+    ik, iv, base = site.inputs.index(ks), site.inputs.index(vs), site.emit
+    kl, vl, n = first.roles.k.labels, first.roles.v.labels, val(ks).shape[first.roles.k.labels.index("m")]
+    equation, dtype = f"{kl},{vl}->{first.state_roles}", val(final).dtype
+
+    def emit(graph: Graph, nodes: list[Node]) -> list[Node]:
+        v = nodes[iv]
+        if decay is not None:  # row m of v weighted by gamma_h^(N - 1 - m), as exp((N - 1 - m) log gamma_h)
+            device = val(vs).device
+            logs = [graph.call_function(aten.full.default, ([1], math.log(g)), {"device": device}) for g in decay]
+            log_gamma = logs[0] if len(logs) == 1 else graph.call_function(aten.cat.default, (logs,))
+            rows = graph.call_function(aten.arange.start_step, (n - 1, -1, -1), {"dtype": torch.float32,
+                                                                                   "device": device})  # fmt: skip
+            per_head = [len(decay) if r == "h" and len(decay) > 1 else 1 for r in vl]
+            per_row = [n if r == "m" else 1 for r in vl]
+            weight = graph.call_function(aten.exp.default, (graph.call_function(aten.mul.Tensor, (
+                graph.call_function(aten.view.default, (log_gamma, per_head)),
+                graph.call_function(aten.view.default, (rows, per_row)))),))  # fmt: skip
+            v = graph.call_function(aten.mul.Tensor, (v, weight))
+        state = graph.call_function(aten.einsum.default, (equation, [nodes[ik], v]))
+        if dtype != torch.float32:
+            state = graph.call_function(aten._to_copy.default, (state,), {"dtype": dtype})
+        return [base(graph, nodes), state]
+
+    site.emit, site.extra_outputs = emit, [final]
+    site.extra_region = [n for n in own if n.op == "call_function"]
+    return site
 
 
 def with_chunk_loops(gm: GraphModule, backend: str, found: list[Site | Rejection]) -> list[Site | Rejection]:
