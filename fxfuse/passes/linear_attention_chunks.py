@@ -7,227 +7,35 @@ D is the constant causal mask (tril, or gamma^(i - j) on and below the diagonal)
 are absent, with decay they are the constants gamma^(r + 1), gamma^C and gamma^(C - 1 - r) that make the
 loop equal to causal linear attention with decay gamma over the whole sequence. The rules:
 - the anchor concatenates >= 3 per-chunk outputs along the sequence axis;
-- every chunk is read on its own: the intra-chunk quadratic product (the linear-attention family's
-  score reading: scale, causal mask, decay), the inter-chunk product with the state it reads, the state
-  update with its keys and values, the normaliser; each one's q, k, v are consecutive slices of the same
-  three tensors, chunk 0 reads a zero state, chunk i the state chunk i - 1 left;
-- the full-size chunk bodies are structurally isomorphic up to the chunk index (`passes/reroll.py`'s
-  template); the last chunk may be shorter;
-- decay factors are proven by evaluating the constants against the intra mask's gammas.
+- every chunk is read on its own (`passes/linear_attention_chunk.py`): the intra-chunk quadratic product
+  (the linear-attention family's score reading: scale, causal mask, decay), the inter-chunk product with
+  the state it reads, the normaliser; q, k, v are consecutive slices of the same three tensors;
+- chunk 0 reads a zero state (or none), chunk i the state chunk i - 1 handed on: its own plus kᵀv of its
+  keys and values (a running key sum for the normaliser);
+- the chunk bodies between the first and the last are structurally isomorphic up to the chunk index
+  (`passes/reroll.py`'s template); the last chunk may be shorter;
+- decay factors are proven by evaluating the constants against the intra mask's gammas;
+- the state the loop ends with, when read after it, becomes a second output computed from k and v.
 Left alone, with the reason: a state update that is not kᵀv of the chunk, a non-causal intra mask, a state
-reset or not carried, bodies that differ, a final state read after the loop, factors that do not match.
+reset or not carried, bodies that differ, a state read mid-loop, factors that do not match.
 """
 
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.passes.attention_layout import Operand, peel, read_product, val
-from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.linear_attention import _roles, _row_sum_of, read_weights
-from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, is_call
+from fxfuse.passes.attention_layout import Operand, val
+from fxfuse.passes.attention_scores import constant_value
+from fxfuse.passes.linear_attention_chunk import Chunk, final_update, is_zero_state, read_chunk, read_update
+from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site
 from fxfuse.passes.reroll import NotALoop, _check_step, _template, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
-_ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
 _RTOL = 1e-5  # decay factors built in float32 differ from gamma^p by rounding only
-
-
-class NotAChunkLoop(Exception):
-    """The candidate is a chunk loop the fused op cannot take; the message says why."""
-
-
-@dataclass
-class Chunk:
-    """One chunk's reading: the intra product's roles (q, k, v being slices), weights, where it sits."""
-
-    output: Node
-    roles: Roles  # of the intra product, operands peeled to the slices
-    weights: Weights
-    scale: float  # of the intra product, number scales on its operands included
-    span: tuple[Node, int, int]  # (sources' sequence axis position in q, start, end)
-    sources: tuple[Node, Node, Node]
-    state_in: Node  # the state the inter product reads
-    norm_in: Node | None  # the key-sum state the normaliser reads
-    eps: float = 0.0
-    state_roles: str = ""  # the state's axes as roles ("bhde")
-    # decay factors found: name -> (constant node, the node it multiplies, that node's roles)
-    factors: dict[str, tuple[Node, Node, str]] = field(default_factory=dict)
-
-    @property
-    def length(self) -> int:
-        return self.span[2] - self.span[1]
-
-
-def _slice_of(node: Node) -> tuple[Node, int, int, int] | None:
-    """(source, dim, start, end) when `node` is source[..., start:end, ...] (a slice or a split's item)."""
-    if is_call(node, aten.slice.Tensor) and (len(node.args) < 5 or node.args[4] == 1):
-        src, dim = node.args[0], node.args[1] % val(node.args[0]).dim()
-        start, end = (node.args[2] if len(node.args) > 2 else 0), (node.args[3] if len(node.args) > 3 else None)
-        size = val(src).shape[dim]
-        if not isinstance(start, int) or not isinstance(end, int | None):
-            return None
-        end = size if end is None else min(end, size)
-        return (src, dim, start, end) if 0 <= start < end else None
-    if is_call(node, operator.getitem) and is_call(node.args[0], aten.split.Tensor):
-        split = node.args[0]
-        src, size = split.args[0], split.args[1]
-        dim = (split.args[2] if len(split.args) > 2 else 0) % val(src).dim()
-        start = node.args[1] * size
-        return src, dim, start, min(start + size, val(src).shape[dim])
-    return None
-
-
-def _strip_factor(node: Node) -> tuple[Node, Node | None]:
-    """x * c with c a constant tensor (a decay factor) -> (x, c); anything else -> (node, None)."""
-    if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args):
-        for x, c in (node.args, node.args[::-1]):
-            if constant_value(c) is not None and constant_value(x) is None and val(x).shape == val(node).shape:
-                return x, c
-    return node, None
-
-
-def _chunk_operand(node: Node, labels: str) -> tuple[Operand, Node | None]:
-    """A product operand peeled to its slice (labels follow the axes) and the decay factor on it."""
-    inner, factor = _strip_factor(node)
-    op = peel(Operand(inner, labels), "", allow_repeat=False)
-    return op, factor
-
-
-def _intra(node: Node) -> tuple[Roles, Weights, Node] | str | None:
-    """(roles, weights, scores) when `node` is (q kᵀ [⊙ mask]) @ v, why not when it is a near miss."""
-    pv = read_product(node)
-    if pv is None or pv.bias is not None or pv.alpha != 1.0:
-        return None
-    for which, w_node in (("a", pv.a), ("b", pv.b)):
-        where, terms = read_chain(w_node)
-        ps = read_product(where)
-        if ps is None or ps.bias is not None or ps.alpha != 1.0:
-            continue
-        roles = _roles(ps, pv, which)
-        if isinstance(roles, str):
-            continue
-        weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
-        if isinstance(weights, str):
-            return f"the intra-chunk scores: {weights}"
-        if not weights.causal and roles.sizes["n"] == 1 == roles.sizes["m"]:
-            weights.causal = True  # a one-row chunk (the last of a ragged loop) is causal, its mask folded away
-        if not weights.causal:
-            return "the intra-chunk scores are not causally masked: not a causal chunk loop"
-        return roles, weights, w_node
-    return None
-
-
-def _role_map(op: Operand, roles: str) -> dict[str, str]:
-    """Product letters of a peeled operand -> the roles of its node's axes."""
-    return dict(zip(op.labels, roles))
-
-
-def _read_chunk(out: Node) -> Chunk | str | None:
-    """One chunk's output as intra + inter [/ normaliser], None when it has no intra product at all."""
-    num, den = out, None
-    if is_call(out, aten.div.Tensor) and isinstance(out.args[1], Node):
-        num, den = out.args
-    found, inter = None, None
-    if is_call(num, aten.add.Tensor) and len(num.args) == 2 and num.kwargs.get("alpha", 1) == 1:
-        for intra, other in (num.args, num.args[::-1]):
-            found = _intra(intra) if isinstance(intra, Node) else None
-            if found is not None:
-                inter = other
-                break
-    if found is None:
-        found = _intra(num)  # no inter-chunk term: the first chunk of a loop whose state starts as None
-        if found is None:
-            return None
-    if isinstance(found, str):
-        return found
-    roles, weights, scores = found
-    peeled, slices = [], []
-    for op in (roles.q, roles.k, roles.v):
-        p = peel(op, "h" if "h" in roles.batch else "", allow_repeat=False)
-        s = _slice_of(p.node)
-        if s is None:
-            return "the chunk's q, k or v is not a slice of a tensor computed before the loop"
-        peeled.append(p)
-        slices.append(s)
-    seq = [p.labels.index(r) for p, r in zip(peeled, "nmm")]
-    if any(s[1] != d for s, d in zip(slices, seq)) or len({s[2:] for s in slices}) != 1:
-        return "q, k and v are not sliced along their sequence axis at the same rows"
-    if any(val(s[0]).shape[s[1]] != val(slices[0][0]).shape[slices[0][1]] for s in slices):
-        return "q, k and v have different sequence lengths"
-    scale = weights.scale * peeled[0].scale * peeled[1].scale * peeled[2].scale
-    roles = Roles(roles.batch, roles.sizes, *peeled, roles.out_labels, roles.scores_labels)
-    chunk = Chunk(out, roles, weights, scale, (seq[0], *slices[0][2:]), tuple(s[0] for s in slices), None, None)
-    problem = None if inter is None else _read_inter(chunk, inter)
-    if problem is None and den is not None:
-        problem = _read_normaliser(chunk, den, scores)
-    return problem or chunk
-
-
-def _read_inter(chunk: Chunk, inter: Node) -> str | None:
-    """inter = (q_c S) [⊙ ξ] or (q_c ⊙ ξ) S: records the state S read and ξ."""
-    inter, after = _strip_factor(inter)
-    p = read_product(inter)
-    if p is None:
-        return "the chunk output adds something that is not a product of q with a carried state"
-    sides = [(la, a, lb, b) for la, a, lb, b in ((p.a_labels, p.a, p.b_labels, p.b), (p.b_labels, p.b, p.a_labels, p.a))
-             if _slice_of(_chunk_operand(a, la)[0].node) == _slice_of(chunk.roles.q.node)]  # fmt: skip
-    if not sides:
-        return "the inter-chunk product does not read the chunk's q"
-    ql, qn, sl, sn = sides[0]
-    q, before = _chunk_operand(qn, ql)
-    if (after is None) == (before is None) and after is not None:
-        return "the inter-chunk product is scaled twice"
-    role = _role_map(q, chunk.roles.q.labels)
-    contracted = [c for c in ql if c in sl and c not in p.out_labels]
-    if [role.get(c) for c in contracted] != ["d"]:
-        return "the inter-chunk product does not contract q's feature axis with the state"
-    extra = [c for c in sl if c not in role]
-    if len(extra) != 1 or "".join(role.get(c, "e") for c in p.out_labels) != chunk.roles.out_labels:
-        return "the inter-chunk product q S is not laid out as the intra-chunk output"
-    state = peel(Operand(sn, sl), "", allow_repeat=False)
-    chunk.state_in = state.node
-    if after is not None:
-        chunk.factors["ξ"] = (after, inter, chunk.roles.out_labels)
-    elif before is not None:
-        chunk.factors["ξ"] = (before, q.node, chunk.roles.q.labels)
-    chunk.state_roles = "".join(role.get(c, "e") for c in state.labels)
-    if q.scale != 1.0 or state.scale != 1.0:
-        return "the inter-chunk product is scaled by a number (not matched)"
-    return None
-
-
-def _read_normaliser(chunk: Chunk, den: Node, scores: Node) -> str | None:
-    """den = rowsum(intra scores) + (q_c z)[ ⊙ ξ] [+ eps]: records the key-sum state z read."""
-    eps = 0.0
-    if is_call(den, aten.add.Tensor) and isinstance(den.args[1], int | float):
-        den, eps = den.args[0], float(den.args[1])
-    if not is_call(den, aten.add.Tensor) or not all(isinstance(a, Node) for a in den.args):
-        return "the normaliser is not the intra row sum plus q times a key-sum state"
-    sums = [(_row_sum_of(rows, scores), inter) for rows, inter in (den.args, den.args[::-1])]
-    sums = [(found, inter) for found, inter in sums if isinstance(found, tuple)]
-    if not sums:
-        return "the normaliser is not the intra row sum plus q times a key-sum state"
-    found, inter = sums[0]
-    if found[0] != "eps":
-        return "the normaliser is clamped, which does not split across chunks"
-    inter, after = _strip_factor(inter)
-    p = read_product(inter)
-    if p is None or chunk.roles.q.node not in (_chunk_operand(p.a, "")[0].node, _chunk_operand(p.b, "")[0].node):
-        return "the normaliser's inter-chunk term is not q times a key-sum state"
-    zn = p.b if _chunk_operand(p.a, "")[0].node is chunk.roles.q.node else p.a
-    if is_call(zn, aten.unsqueeze.default):
-        zn = zn.args[0]
-    chunk.norm_in, chunk.eps = zn, eps + found[1]
-    if after is not None:
-        chunk.factors["ξ of the normaliser"] = (after, inter, chunk.roles.out_labels)
-    return None
 
 
 def _expected(gamma: torch.Tensor, node: Node, roles: str, axis: str | None, power) -> torch.Tensor:
@@ -256,69 +64,6 @@ def _factor_holds(factor: Node | None, node: Node, roles: str, want: torch.Tenso
     except RuntimeError:
         return False
     return bool(torch.isclose(got, exp, rtol=_RTOL, atol=1e-30).all())
-
-
-def _is_zero_state(node: Node) -> bool:
-    if is_call(node, *_ZEROS):
-        return True
-    value = constant_value(node)
-    return value is not None and not bool(value.any())
-
-
-def _read_update(node: Node, prev: Chunk, key_sum: bool) -> tuple[Node, dict[str, tuple]] | str:
-    """node = S [⊙ δ] + kᵀ (v ⊙ ζ) (key_sum: z [⊙ δ] + Σ_rows k ⊙ ζ) of chunk `prev`: (S, factors)."""
-    what = "key-sum state" if key_sum else "state"
-    want_state = prev.norm_in if key_sum else prev.state_in
-    old, delta, added = None, None, node  # no state before `prev`: the state is its contribution alone
-    if want_state is not None:
-        if not is_call(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-            return f"the {what} is not updated by adding the chunk's contribution (reset, or another recurrence)"
-        carried = [(a, b) for a, b in (node.args, node.args[::-1]) if isinstance(a, Node) and isinstance(b, Node)
-                   and _strip_factor(a)[0] is want_state]  # fmt: skip
-        if not carried:
-            return f"the {what} is not carried from one chunk to the next (reset each chunk?)"
-        (old, delta), added = _strip_factor(carried[0][0]), carried[0][1]
-    factors = {}
-    k_slice, v_slice = (_slice_of(prev.roles.k.node), _slice_of(prev.roles.v.node))
-    if key_sum:
-        roles = ""
-        if is_call(added, aten.unsqueeze.default):
-            added, roles = added.args[0], "_"  # z kept as [B, H, D, 1]
-        keep = len(added.args) > 2 and added.args[2]
-        if not is_call(added, aten.sum.dim_IntList) or keep:
-            return "the key-sum state does not add the chunk's keys summed over its rows"
-        k, zeta = _chunk_operand(added.args[0], prev.roles.k.labels)
-        if _slice_of(k.node) != k_slice or [d % len(k.labels) for d in added.args[1]] != [k.labels.index("m")]:
-            return "the key-sum state does not add the chunk's keys summed over its rows"
-        if zeta is not None:
-            factors["ζ of the key sum"] = (zeta, k.node, k.labels)
-        if delta is not None:
-            factors["δ of the key sum"] = (delta, old, k.labels.replace("m", "") + roles)
-        return old, factors
-    p = read_product(added)
-    if p is None:
-        return "the state update adds something that is not a product kᵀv"
-    for (kl, kn), (vl, vn) in (((p.a_labels, p.a), (p.b_labels, p.b)), ((p.b_labels, p.b), (p.a_labels, p.a))):
-        k, zk = _chunk_operand(kn, kl)
-        v, zv = _chunk_operand(vn, vl)
-        if _slice_of(k.node) == k_slice and _slice_of(v.node) == v_slice:
-            break
-    else:
-        return "the state update is not kᵀv of the chunk's keys and values"
-    role = _role_map(k, prev.roles.k.labels) | _role_map(v, prev.roles.v.labels)
-    contracted = [c for c in kl if c in vl and c not in p.out_labels]
-    layout = "".join(role.get(c, "?") for c in p.out_labels)
-    if [role.get(c) for c in contracted] != ["m"] or layout != prev.state_roles:
-        return "the state update kᵀv does not sum over the chunk's rows into the state's layout"
-    if k.scale * v.scale != 1.0:
-        return "the state update is scaled by a number (not matched)"
-    if zk is not None and zv is not None:
-        return "the state update multiplies both k and v by a factor"
-    if delta is not None:
-        factors["δ"] = (delta, old, prev.state_roles)
-    if zk is not None or zv is not None:
-        factors["ζ"] = (zk, k.node, prev.roles.k.labels) if zk is not None else (zv, v.node, prev.roles.v.labels)
-    return old, factors
 
 
 def _check_decay(chunks: list[Chunk], updates: list[dict], gamma: torch.Tensor | None) -> str | None:
@@ -422,7 +167,7 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     dim = per_step_outputs(anchor)[1] % rank
     if anchor.target is not aten.cat.default or first.roles.out_labels[dim] != "n":
         return "the chunk outputs are not concatenated along the sequence axis"
-    if any(s is not None and not _is_zero_state(s) for s in (first.state_in, first.norm_in)):
+    if any(s is not None and not is_zero_state(s) for s in (first.state_in, first.norm_in)):
         return "the loop starts from a state that is not zero"
     if any(c.state_in is None for c in chunks[1:]):
         return "a chunk after the first has no inter-chunk term: the chunks are not chained by a state"
@@ -430,12 +175,12 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     for i in range(1, len(chunks)):
         factors = {}
         for key_sum in (False, True) if first.norm_in is not None else (False,):
-            found = _read_update(chunks[i].norm_in if key_sum else chunks[i].state_in, chunks[i - 1], key_sum)
+            found = read_update(chunks[i].norm_in if key_sum else chunks[i].state_in, chunks[i - 1], key_sum)
             if isinstance(found, str):
                 return f"chunk {i}: {found}"
             factors |= found[1]
         updates.append(factors)
-    final = _final_update(chunks[-1])
+    final = final_update(chunks[-1])
     if final is not None:
         updates.append(final[1])
         final = final[0]
@@ -479,7 +224,7 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     parsed = per_step_outputs(anchor)
     if parsed is None or anchor.target is not aten.cat.default:
         return None
-    chunks = [_read_chunk(o) for o in parsed[0]]
+    chunks = [read_chunk(o) for o in parsed[0]]
     if all(c is None for c in chunks):
         return None
     n, variant = len(chunks), f"chunk loop ({len(chunks)} chunks)"
@@ -502,19 +247,6 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     if isinstance(site, Site) and final is not None:
         site = _with_final_state(site, first, final, _ancestors([final], set(site.inputs)))
     return Rejection(PATTERN, variant, anchor, site) if isinstance(site, str) else site
-
-
-def _final_update(last: Chunk) -> tuple[Node, dict] | None:
-    """(the state after the last chunk, its update's factors) when the graph computes it (something after
-    the loop reads it), else None."""
-    if last.state_in is None:
-        return None
-    near = [u for u in last.state_in.users]
-    for node in near + [v for u in near if is_call(u, aten.mul.Tensor) for v in u.users]:
-        found = _read_update(node, last, False) if is_call(node, aten.add.Tensor) else None
-        if isinstance(found, tuple):
-            return node, found[1]
-    return None
 
 
 def _with_final_state(site: Site, first: Chunk, final: Node, own: set[Node]) -> Site | str:
