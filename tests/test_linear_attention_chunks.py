@@ -197,3 +197,16 @@ def test_near_miss_left_alone(name):
         got, want = opt(*inputs), model(*inputs)
     for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
         assert torch.equal(g, w)
+
+
+def test_onnx_export_of_a_rerolled_loop_with_its_final_state_runs_in_onnx_runtime(tmp_path):
+    from fxfuse.onnx.check import run_onnx, tensor_leaves
+    from fxfuse.passes.verify import compare
+
+    model, inputs = RetentionReturningState().eval(), (torch.randn(2, 14, 16),)
+    result = fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert result.report.count("linear_attention") == 1, str(result.report)
+    with torch.no_grad():
+        want = tensor_leaves(model(*inputs))
+    check = compare(run_onnx(str(tmp_path / "m.onnx"), inputs), want, 1e-5)
+    assert check.ok, check.reason
