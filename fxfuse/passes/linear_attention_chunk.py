@@ -154,8 +154,8 @@ def read_chunk(out: Node) -> Chunk | str | None:
 
 def _read_inter(chunk: Chunk, inter: Node) -> str | None:
     """inter = (q_c S) [⊙ ξ] or (q_c ⊙ ξ) S: records the state S read and ξ."""
-    inter, after = strip_factor(inter)
-    p = read_product(inter)
+    inter, after = strip_factor(inter) if isinstance(inter, Node) else (inter, None)
+    p = read_product(inter) if isinstance(inter, Node) else None
     if p is None:
         return "the chunk output adds something that is not a product of q with a carried state"
     sides = [(la, a, lb, b) for la, a, lb, b in ((p.a_labels, p.a, p.b_labels, p.b), (p.b_labels, p.b, p.a_labels, p.a))
@@ -164,7 +164,7 @@ def _read_inter(chunk: Chunk, inter: Node) -> str | None:
         return "the inter-chunk product does not read the chunk's q"
     ql, qn, sl, sn = sides[0]
     q, before = _chunk_operand(qn, ql)
-    if (after is None) == (before is None) and after is not None:
+    if after is not None and before is not None:
         return "the inter-chunk product is scaled twice"
     role = _role_map(q, chunk.roles.q.labels)
     contracted = [c for c in ql if c in sl and c not in p.out_labels]
@@ -287,7 +287,7 @@ def final_update(last: Chunk) -> tuple[Node, dict] | None:
     the loop reads it), else None."""
     if last.state_in is None:
         return None
-    near = [u for u in last.state_in.users]
+    near = list(last.state_in.users)
     for node in near + [v for u in near if is_call(u, aten.mul.Tensor) for v in u.users]:
         found = read_update(node, last, False) if is_call(node, aten.add.Tensor) else None
         if isinstance(found, tuple):

@@ -52,15 +52,12 @@ def _expected(gamma: torch.Tensor, node: Node, roles: str, axis: str | None, pow
     return g ** power(torch.arange(n, dtype=torch.float64).view(pos_shape), n)
 
 
-def _factor_holds(factor: Node | None, node: Node, roles: str, want: torch.Tensor | None) -> bool:
-    """Whether the constant `factor` multiplying `node` is `want` (None: no factor, or all ones)."""
-    if factor is None:
-        return want is None or bool(torch.allclose(want, torch.ones(()), rtol=0, atol=0))
+def _factor_holds(factor: Node, node: Node, want: torch.Tensor) -> bool:
+    """Whether the constant `factor` multiplying `node` is `want` wherever it meets `node`."""
     value = constant_value(factor).double()
     target = tuple(val(node).shape)
     try:
-        got = torch.broadcast_to(value, target)
-        exp = torch.broadcast_to(torch.ones(()) if want is None else want, target)
+        got, exp = torch.broadcast_to(value, target), torch.broadcast_to(want, target)
     except RuntimeError:
         return False
     return bool(torch.isclose(got, exp, rtol=_RTOL, atol=1e-30).all())
@@ -78,11 +75,12 @@ def _check_decay(chunks: list[Chunk], updates: list[dict], gamma: torch.Tensor |
             if found:
                 return f"chunk {i} multiplies by a decay factor ({next(iter(found))}) but its scores have no decay"
             continue
-        needed = {"ξ"} | ({"δ", "ζ"} if i + 1 < len(updates) else set())
+        needed = {"ξ", "δ", "ζ"} if i + 1 < len(updates) else {"ξ"}
         if chunk.state_in is None:  # the first chunk of a loop starting from None: no inter term, nothing carried
             needed -= {"ξ", "δ"}
-        if normalised:
-            needed |= {f"{n} of the key sum" if n != "ξ" else "ξ of the normaliser" for n in needed}
+        if normalised:  # the key sum too, but for the final state (only S is returned)
+            needed |= {"ξ of the normaliser"} if "ξ" in needed else set()
+            needed |= {f"{n} of the key sum" for n in needed & {"δ", "ζ"}} if i + 1 < len(chunks) else set()
         missing = needed - set(found)
         if missing:
             return f"chunk {i} has a decay on its scores but no {sorted(missing)[0]} factor"
@@ -91,7 +89,7 @@ def _check_decay(chunks: list[Chunk], updates: list[dict], gamma: torch.Tensor |
             if gamma.numel() > 1 and "h" not in roles:
                 return f"chunk {i}'s decay factor {name} does not run along the heads as the decay does"
             want = _expected(gamma, node, roles, axis, power or chunk.length)
-            if not _factor_holds(factor, node, roles, want):
+            if not _factor_holds(factor, node, want):
                 return f"chunk {i}'s decay factor {name} is not what decay {gamma.tolist()} over the sequence needs"
     return None
 
@@ -235,7 +233,7 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     found = analyze(anchor, chunks)
     if isinstance(found, str):
         return Rejection(PATTERN, variant, anchor, found)
-    first, w, bodies, final = found
+    first, w, _, final = found
     size, last = first.length, chunks[-1].length
     variant = f"chunk loop ({n} chunks of {size}" + (f", last {last})" if last != size else ")") + " → 1 op"
     whole = val(first.sources[0]).shape[first.span[0]]
@@ -274,9 +272,11 @@ def _with_final_state(site: Site, first: Chunk, final: Node, own: set[Node]) -> 
             weight = graph.call_function(aten.exp.default, (graph.call_function(aten.mul.Tensor, (
                 graph.call_function(aten.view.default, (log_gamma, per_head)),
                 graph.call_function(aten.view.default, (rows, per_row)))),))  # fmt: skip
+            if val(vs).dtype != torch.float32:
+                weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": val(vs).dtype})
             v = graph.call_function(aten.mul.Tensor, (v, weight))
         state = graph.call_function(aten.einsum.default, (equation, [nodes[ik], v]))
-        if dtype != torch.float32:
+        if dtype != val(vs).dtype:
             state = graph.call_function(aten._to_copy.default, (state,), {"dtype": dtype})
         return [base(graph, nodes), state]
 
