@@ -74,6 +74,41 @@ def split_einsum_state_from_none(q, k, v, chunk=4):
     return torch.cat(outs, dim=2)
 
 
+def view_select_stack(q, k, v, chunk=4):
+    # fla-style: the sequence viewed as [N / C, C], chunk i selected, outputs stacked and the rows merged back
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b, h, n // chunk, chunk, t.shape[-1]) for t in (q, k, v))
+    state, outs = q.new_zeros(b, h, d, v.shape[-1]), []
+    upper = torch.triu(torch.ones(chunk, chunk, dtype=torch.bool), diagonal=1)
+    for i in range(n // chunk):
+        qi, ki, vi = q[:, :, i], k[:, :, i], v[:, :, i]
+        outs.append((qi @ ki.transpose(-1, -2)).masked_fill(upper, 0) @ vi + qi @ state)
+        state = state + ki.transpose(-1, -2) @ vi
+    return torch.stack(outs, dim=2).reshape(b, h, n, -1)
+
+
+class Projected(nn.Module):
+    """x [B, N, 16] -> q, k, v [B, 2, N, 8] -> core -> [B, N, 16]: parameters whose gradients get checked."""
+
+    def __init__(self, core) -> None:
+        super().__init__()
+        self.core, self.qkv = core, nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, 2, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        return self.core(q, k, v).transpose(1, 2).reshape(b, n, -1)
+
+
+def test_view_select_stack_loop_trains():
+    torch.manual_seed(0)
+    model, x = Projected(view_select_stack), torch.randn(2, 16, 16)
+    opt = fxfuse.optimize(model.train(), (x,), patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1 and "(4 chunks of 4) → 1 op" in rep.rewrites[0].variant, str(rep)
+    _check_against_float64(model, torch.randn_like(x), opt)
+
+
 def test_split_einsum_loop_starting_from_none():
     model = Fn(split_einsum_state_from_none)
     inputs = tuple(torch.randn(2, 2, 18, 8) for _ in range(3))

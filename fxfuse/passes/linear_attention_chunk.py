@@ -23,6 +23,7 @@ from fxfuse.passes.linear_attention_site import Roles, Weights, is_call
 
 aten = torch.ops.aten
 _ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Chunk:
 
 
 def slice_of(node: Node) -> tuple[Node, int, int, int] | None:
-    """(source, dim, start, end) when `node` is source[..., start:end, ...] (a slice or a split's item)."""
+    """(source, dim, start, end) when `node` is source[..., start:end, ...] (a slice, a split's item, or
+    chunk i of a view that splits the sequence axis into chunks)."""
     if is_call(node, aten.slice.Tensor) and (len(node.args) < 5 or node.args[4] == 1):
         src, dim = node.args[0], node.args[1] % val(node.args[0]).dim()
         start, end = (node.args[2] if len(node.args) > 2 else 0), (node.args[3] if len(node.args) > 3 else None)
@@ -57,6 +59,16 @@ def slice_of(node: Node) -> tuple[Node, int, int, int] | None:
             return None
         end = size if end is None else min(end, size)
         return (src, dim, start, end) if 0 <= start < end else None
+    if is_call(node, aten.select.int) and is_call(node.args[0], *VIEWS) and isinstance(node.args[2], int):
+        # x.view(..., N // C, C, ...)[..., i, :, ...]: rows i * C .. (i + 1) * C of x
+        view, src = node.args[0], node.args[0].args[0]
+        have, got = tuple(val(src).shape), tuple(val(view).shape)
+        dim = node.args[1] % len(got)
+        if len(got) != len(have) + 1 or got[:dim] + got[dim + 2 :] != have[:dim] + have[dim + 1 :]:
+            return None
+        if got[dim] * got[dim + 1] != have[dim] or not 0 <= node.args[2] < got[dim]:
+            return None
+        return src, dim, node.args[2] * got[dim + 1], (node.args[2] + 1) * got[dim + 1]
     if is_call(node, operator.getitem) and is_call(node.args[0], aten.split.Tensor):
         split = node.args[0]
         src, size = split.args[0], split.args[1]

@@ -29,7 +29,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, val
 from fxfuse.passes.attention_scores import constant_value
-from fxfuse.passes.linear_attention_chunk import Chunk, final_update, is_zero_state, read_chunk, read_update
+from fxfuse.passes.linear_attention_chunk import VIEWS, Chunk, final_update, is_zero_state, read_chunk, read_update
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site
 from fxfuse.passes.reroll import NotALoop, _check_step, _template, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
@@ -162,8 +162,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     if any(c.length != size for c in chunks[:-1]) or chunks[-1].length > size:
         return "the chunks are not all of one size (but the last)"
     rank = len(first.roles.out_labels)
-    dim = per_step_outputs(anchor)[1] % rank
-    if anchor.target is not aten.cat.default or first.roles.out_labels[dim] != "n":
+    dim = per_step_outputs(anchor)[1] % (rank + (anchor.target is aten.stack.default))
+    if first.roles.out_labels[dim] != "n":
         return "the chunk outputs are not concatenated along the sequence axis"
     if any(s is not None and not is_zero_state(s) for s in (first.state_in, first.norm_in)):
         return "the loop starts from a state that is not zero"
@@ -208,7 +208,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
         factor_nodes = [f[0] for f in c.factors.values()] + [f[0] for f in updates[i].values()]
         factor_nodes += [f[0] for f in updates[-1].values()] if final is not None and i + 1 == len(chunks) else []
         # a zero state made from q (q.new_zeros) stays in the region: as an input it would look differentiated
-        zeros = [n for n in (c.state_in, c.norm_in) if n is not None and not set(n.all_input_nodes) <= inputs]
+        zeros = [n for n in (c.state_in, c.norm_in) if n is not None and not all(
+            a in inputs or a.target in VIEWS and a.args[0] in inputs for a in n.all_input_nodes)]  # fmt: skip
         for node in factor_nodes + (zeros if i == 0 else []):
             if node not in inputs:
                 value = constant_value(node)
@@ -220,7 +221,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
 def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     # cat([(q_c k_cᵀ ⊙ D) v_c + q_c S ...], seq) with S <- S + k_cᵀ v_c -> linear_attention(q, k, v, causal)
     parsed = per_step_outputs(anchor)
-    if parsed is None or anchor.target is not aten.cat.default:
+    output = anchor if anchor.target is aten.cat.default else _merged_stack(anchor)
+    if parsed is None or output is None:
         return None
     chunks = [read_chunk(o) for o in parsed[0]]
     if all(c is None for c in chunks):
@@ -241,10 +243,23 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     roles = Roles(first.roles.batch, sizes, *(Operand(src, op.labels) for src, op in
                   zip(first.sources, (first.roles.q, first.roles.k, first.roles.v))),
                   first.roles.out_labels, first.roles.scores_labels)  # fmt: skip
-    site = build_site(anchor, anchor, roles, w, backend, variant + (", final state" if final is not None else ""))
+    site = build_site(anchor, output, roles, w, backend, variant + (", final state" if final is not None else ""))
     if isinstance(site, Site) and final is not None:
         site = _with_final_state(site, first, final, _ancestors([final], set(site.inputs)))
     return Rejection(PATTERN, variant, anchor, site) if isinstance(site, str) else site
+
+
+def _merged_stack(anchor: Node) -> Node | None:
+    """The reshape that merges a stack's new axis s with axis s + 1 (chunks stacked, then rows merged), the
+    same as concatenating along s; None when the stack is not followed by one."""
+    if anchor.target is not aten.stack.default or len(anchor.users) != 1:
+        return None
+    (merge,) = anchor.users
+    stacked = tuple(val(anchor).shape)
+    dim = (anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs.get("dim", 0)) % len(stacked)
+    want = stacked[:dim] + (stacked[dim] * stacked[dim + 1],) + stacked[dim + 2 :] if dim + 1 < len(stacked) else None
+    ok = merge.op == "call_function" and merge.target in VIEWS
+    return merge if ok and want is not None and tuple(val(merge).shape) == want else None
 
 
 def _with_final_state(site: Site, first: Chunk, final: Node, own: set[Node]) -> Site | str:
