@@ -245,3 +245,15 @@ def test_onnx_export_of_a_rerolled_loop_with_its_final_state_runs_in_onnx_runtim
         want = tensor_leaves(model(*inputs))
     check = compare(run_onnx(str(tmp_path / "m.onnx"), inputs), want, 1e-5)
     assert check.ok, check.reason
+
+
+def test_concatenated_independent_branches_are_not_a_chunk_loop():
+    # three causal linear attentions over different tensors, concatenated: each one fused on its own
+    def branches(q, k, v):
+        mask = torch.tril(torch.ones(16, 16))
+        return torch.cat([((a @ b.transpose(-1, -2)) * mask) @ c for a, b, c in ((q, k, v), (k, v, q), (v, q, k))], 2)
+
+    model, inputs = Fn(branches), tuple(torch.randn(2, 2, 16, 8) for _ in range(3))
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 3 and not any(r.variant.startswith("chunk loop") for r in rep.rewrites)

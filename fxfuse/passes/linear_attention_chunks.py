@@ -31,7 +31,7 @@ from fxfuse.passes.attention_layout import Operand, val
 from fxfuse.passes.attention_scores import constant_value
 from fxfuse.passes.linear_attention_chunk import VIEWS, Chunk, final_update, is_zero_state, read_chunk, read_update
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site
-from fxfuse.passes.reroll import NotALoop, _check_step, _template, per_step_outputs
+from fxfuse.passes.reroll import NotALoop, _check_step, _template, chained, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
@@ -227,6 +227,9 @@ def match_chunk_loop(anchor: Node, backend: str) -> Site | Rejection | None:
     chunks = [read_chunk(o) for o in parsed[0]]
     if all(c is None for c in chunks):
         return None
+    reads_state = any(isinstance(c, Chunk) and c.state_in is not None for c in chunks[1:])
+    if not reads_state and not chained(parsed[0]):
+        return None  # attention computed independently in each piece (branches, heads): not a loop
     n, variant = len(chunks), f"chunk loop ({len(chunks)} chunks)"
     bad = next((i for i, c in enumerate(chunks) if not isinstance(c, Chunk)), None)
     if bad is not None:
