@@ -249,6 +249,18 @@ def linear_attention_models_at_length() -> list[Case]:
     ]
 
 
+@family("model/chunked_*[N] (chunk loops of examples/chunked_linear_attention.py, unrolled by capture)")
+def chunk_loop_models() -> list[Case]:
+    """Chunkwise retention written as a Python loop (chunks of 64, 4 heads of d = 32, projections included)
+    against `optimize`, which re-rolls the unrolled loop into one causal linear-attention op."""
+    make = load_repo_module("examples/chunked_linear_attention.py").make_chunked_retention_at
+    return [
+        Case(f"model/chunked_retention[{n}]", lambda n=n: optimized_model_pair(lambda: make(n)), quick=False,
+             group="model")
+        for n in (2048,)
+    ]  # fmt: skip
+
+
 @family("op/selective_scan (benchmarks/ssm_scan_op.py)")
 def ssm_scan_op_cases() -> list[Case]:
     """The fused selective scan against the eager Python loop over time it replaces (forward)."""

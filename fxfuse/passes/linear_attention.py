@@ -530,4 +530,6 @@ def find_linear_attention(gm: GraphModule, backend: str = "auto") -> list[Site |
             if hit is not None:
                 results.append(hit)
                 break
-    return results
+    from fxfuse.passes.linear_attention_chunks import with_chunk_loops  # imports this module: a late import
+
+    return with_chunk_loops(gm, backend, results)  # loops over chunks: one site each, their products inside
