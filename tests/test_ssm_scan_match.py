@@ -100,6 +100,8 @@ def test_hugging_face_mamba_loop_path_every_layer():
         opt = fxfuse.optimize(model, (ids,))
         rep = fxfuse.report(opt)
         assert rep.count("ssm_scan") == 2, str(rep)
+        # the mixer's `scan_output + hidden_states * D[None, :, None]` and `* act(gate)` are inside the op
+        assert all("D skip, silu(z) gate" in r.variant for r in rep.rewrites), str(rep)
         with torch.no_grad():
             got = opt(ids).last_hidden_state
             want = model.double()(ids).last_hidden_state
