@@ -159,3 +159,17 @@ def test_skip_input_without_D_raises():
         selective_scan(*args, u=args[2])
     with pytest.raises(ValueError, match="D has shape"):
         selective_scan(*args, D=torch.ones(7))
+
+
+def test_cpu_gate_special_values_like_the_reference():
+    # the C kernel's vectorized silu: saturation at ±88, underflow, ±inf and NaN as in torch's silu
+    z = torch.tensor([[[0.0, 1.0, -1.0, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e-30, float("inf"),
+                        -float("inf"), float("nan")]]])  # fmt: skip
+    length = z.shape[-1]
+    args = (torch.zeros(1, 1, length), -torch.ones(1, 1), torch.ones(1, 1, length), torch.ones(1, length, 1),
+            torch.ones(1, length, 1))  # fmt: skip
+    got, _ = selective_scan(*args, backend="cpu", D=torch.ones(1), z=z)
+    want = (selective_scan_reference(*(a.double() for a in args))[0] + 1.0) * torch.nn.functional.silu(z.double())
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite].double(), want[finite], rtol=1e-6, atol=1e-37)
