@@ -16,6 +16,7 @@ from examples.ssm_models import (
     make_mamba_block,
     make_selective_scan_ref,
     make_slow_forward_scan,
+    scan_inputs,
 )
 
 
@@ -44,10 +45,14 @@ def _check_against_float64(model: nn.Module, inputs: tuple, opt: nn.Module) -> N
 
 
 MODELS = {
-    "mamba-block-einsum": (make_mamba_block, 1, "readout einsum, time dim 1"),
-    "hf-slow-forward-matmul-final-state": (make_slow_forward_scan, 1, "final state, readout matmul, time dim 2"),
+    "mamba-block-einsum": (make_mamba_block, 1, "D skip, silu(z) gate, readout einsum, time dim 1"),
+    "hf-slow-forward-matmul-final-state": (
+        make_slow_forward_scan,
+        1,
+        "D skip, final state, readout matmul, time dim 2",
+    ),
     "in-loop-discretization-sum-cat-h0": (make_in_loop_scan, 1, "initial state, readout sum, time dim 1"),
-    "mamba-ssm-ref-B-state-major": (make_selective_scan_ref, 1, "final state, readout einsum, time dim 2"),
+    "mamba-ssm-ref-B-state-major": (make_selective_scan_ref, 1, "D skip, final state, readout einsum, time dim 2"),
 }
 
 
@@ -59,8 +64,8 @@ def test_loop_rerolled_and_verified(name):
     rep = fxfuse.report(opt)
     assert rep.count("ssm_scan") == sites, str(rep)
     applied = [r for r in rep.rewrites if r.status == "applied"]
-    assert all(r.variant.startswith("8 steps → 1 scan, selective, fused discretization") for r in applied)
-    assert all(r.variant.endswith(variant) for r in applied), applied[0].variant
+    whole = f"8 steps → 1 scan, selective, fused discretization, {variant}"
+    assert all(r.variant == whole for r in applied), applied[0].variant
     assert all(r.max_rel_err is not None and r.max_rel_err < 1e-5 for r in applied)
     _check_against_float64(model, inputs, opt)
 
@@ -95,10 +100,82 @@ def test_hugging_face_mamba_loop_path_every_layer():
         opt = fxfuse.optimize(model, (ids,))
         rep = fxfuse.report(opt)
         assert rep.count("ssm_scan") == 2, str(rep)
+        # the mixer's `scan_output + hidden_states * D[None, :, None]` and `* act(gate)` are inside the op
+        assert all("D skip, silu(z) gate" in r.variant for r in rep.rewrites), str(rep)
         with torch.no_grad():
             got = opt(ids).last_hidden_state
             want = model.double()(ids).last_hidden_state
     assert _rel(got, want) < 1e-4
+
+
+# --- the block's D skip and silu(z) gate after the loop, moved into the op when y is theirs alone -------
+
+
+class GatedScan(nn.Module):
+    """HF `slow_forward`'s loop ([B, D, L] time on dim 2, matmul readout) and then `tail(y, u, z, D)`."""
+
+    def __init__(self, tail, channels: int = 8, d_state: int = 4) -> None:
+        super().__init__()
+        self.tail = tail
+        self.A_log = nn.Parameter(torch.randn(channels, d_state) * 0.5)
+        self.D = nn.Parameter(torch.randn(channels))
+
+    def forward(self, u, delta, B, C, z):
+        A, delta = -torch.exp(self.A_log), F.softplus(delta)
+        discrete_A = torch.exp(A[None, :, None, :] * delta[:, :, :, None])
+        deltaB_u = delta[:, :, :, None] * B[:, None, :, :] * u[:, :, :, None]
+        state = torch.zeros(u.shape[0], u.shape[1], A.shape[-1])
+        outputs = []
+        for i in range(u.shape[2]):
+            state = discrete_A[:, :, i, :] * state + deltaB_u[:, :, i, :]
+            outputs.append(torch.matmul(state, C[:, i, :].unsqueeze(-1))[:, :, 0])
+        return self.tail(torch.stack(outputs, dim=-1), u, z, self.D)
+
+
+TAILS = {  # name: (tail, what moves into the op)
+    "hf-skip-gate": (lambda y, u, z, D: (y + u * D[None, :, None]) * F.silu(z), ", D skip, silu(z) gate"),
+    # z * sigmoid(z) spelled out, and z read again after the gate (fine: z is an input of the op)
+    "sigmoid-spelling-z-reused": (
+        lambda y, u, z, D: (y + D[:, None] * u) * (z * torch.sigmoid(z)) + z,
+        ", D skip, silu(z) gate",
+    ),
+    "gate-only-then-bias": (lambda y, u, z, D: F.silu(z) * y + D[None, :, None], ", silu(z) gate"),
+    # near misses, computed as written: the gate on the skip term, D broadcast over time (L = D = 8), y or the
+    # skipped y read again (needed, so the skip, resp. the gate, stays a graph op)
+    "gate-on-skip-term": (lambda y, u, z, D: y + u * D[None, :, None] * F.silu(z), ""),
+    "D-over-time": (lambda y, u, z, D: (y + u * D[None, None, :]) * F.silu(z), ""),
+    "y-used-elsewhere": (lambda y, u, z, D: (y + u * D[None, :, None]) * F.silu(z) + y, ""),
+    "skip-used-elsewhere": (lambda y, u, z, D: (s := y + u * D[None, :, None]) * F.silu(z) + s, ", D skip"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAILS))
+def test_skip_and_gate_fused_when_they_read_the_scan_output_alone(name):
+    tail, parts = TAILS[name]
+    model = GatedScan(tail).train()
+    inputs = (*scan_inputs(8), torch.randn(2, 8, 8))
+    opt = fxfuse.optimize(model, inputs, patterns=["ssm_scan"])
+    (rewrite,) = fxfuse.report(opt).rewrites
+    assert rewrite.status == "applied", rewrite.reason
+    assert rewrite.variant.startswith(f"8 steps → 1 scan, selective, fused discretization{parts}, readout matmul")
+    _check_against_float64(model, inputs, opt)
+
+
+@pytest.mark.parametrize("make", [make_mamba_block, GatedScan], ids=["mamba-minimal", "hf-slow-forward"])
+def test_rewritten_graph_has_no_gate_after_the_scan(make):
+    from fxfuse.passes.capture import capture_graphs
+    from fxfuse.passes.rewrite import rewrite_patterns
+
+    if make is GatedScan:
+        model, inputs = GatedScan(TAILS["hf-skip-gate"][0]), (*scan_inputs(6), torch.randn(2, 8, 6))
+    else:
+        model, inputs = make(6)
+    ((gm, _),) = capture_graphs(model, inputs)
+    gm, rewrites, _ = rewrite_patterns(gm, ["ssm_scan"], "auto")
+    assert [r.status for r in rewrites] == ["applied"] and "D skip, silu(z) gate" in rewrites[0].variant
+    targets = [str(n.target) for n in gm.graph.nodes]
+    after = targets[targets.index("fxfuse.selective_scan.default") :]
+    assert not {"aten.silu.default", "aten.sigmoid.default", "aten.add.Tensor"} & set(after), after
 
 
 # --- near misses: each left alone (numbers unchanged), with the reason in the report ----------------

@@ -102,3 +102,74 @@ def test_bad_shapes_raise_with_what_to_change():
     args = [a.float() for a in _inputs(2, 3, 7, 4, h0=False)[:5]]
     with pytest.raises(ValueError, match="B has shape"):
         selective_scan(args[0], args[1], args[2], args[3].transpose(1, 2), args[4])
+
+
+# the Mamba block's D skip and silu(z) gate, fused: y = (y + u * D) * silu(z); u defaults to x
+TAILS = {"D": ("D",), "z": ("z",), "D-z": ("D", "z"), "D-z-u": ("D", "z", "u")}
+
+
+# Triton in the interpreter is slow: every kernel branch (skip only, gate only, both with u), not D-z
+TAIL_CASES = [(b, t) for b in ("cpu", "triton", "reference") for t in TAILS if b != "triton" or t != "D-z"]
+
+
+@pytest.mark.parametrize(("backend", "tail"), TAIL_CASES, ids=[f"{b}-{t}" for b, t in TAIL_CASES])
+def test_skip_and_gate_forward_and_backward_match_float64(backend, tail, device):
+    # the Triton case spans two chunks (64 + a 6-step tail), on two programs to keep the interpreter quick
+    b, d, length, n = (2, 3, 21, 5) if backend != "triton" else (1, 2, 70, 4)
+    args = _inputs(b, d, length, n, h0=True, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    extra = {"D": torch.randn(d, generator=gen, dtype=torch.float64),
+             "z": torch.randn(b, d, length, generator=gen, dtype=torch.float64) * 2,
+             "u": torch.randn(b, d, length, generator=gen, dtype=torch.float64)}  # fmt: skip
+    names = TAILS[tail]
+    leaves = [a.clone().requires_grad_() for a in (*args, *(extra[k] for k in names))]
+    # float64 truth: the scan's reference (checked above) followed by the block's tail as models spell it
+    y, h = selective_scan_reference(*leaves[:6])
+    given = dict(zip(names, leaves[6:]))
+    if "D" in given:
+        y = y + given.get("u", leaves[2]) * given["D"][None, :, None]
+    if "z" in given:
+        y = y * torch.nn.functional.silu(given["z"])
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    want = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), leaves)
+    mine = [a.detach().float().to(device).requires_grad_() for a in leaves]
+    y2, h2 = selective_scan(*mine[:6], backend=backend, **dict(zip(names, mine[6:])))
+    assert y2.dtype == torch.float32 and _rel(y2.detach().cpu(), y) < 1e-5 and _rel(h2.detach().cpu(), h) < 1e-5
+    got = torch.autograd.grad((y2 * gy.float().to(device)).sum() + (h2 * gh.float().to(device)).sum(), mine)
+    for name, g, w in zip(["dt", "A", "x", "B", "C", "h0", *names], got, want):
+        assert g.dtype == torch.float32 and _rel(g.cpu(), w) < 1e-5, name
+
+
+def test_skip_and_gate_opcheck_and_call_counts():
+    from fxfuse.backends import counting_calls
+
+    dt, A, x, B, C, h0 = (a.float() for a in _inputs(2, 3, 7, 4, h0=True))
+    D, z, u = torch.randn(3), torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    torch.library.opcheck(torch.ops.fxfuse.selective_scan.default, (dt, A, x, B, C, h0, "cpu", D, z, u))
+    leaves = [t.requires_grad_() for t in (dt, D, z)]
+    with counting_calls() as calls:
+        y, _ = selective_scan(dt, A, x, B, C, h0, "cpu", D=D, z=z)
+        torch.autograd.grad(y.sum(), leaves)
+    assert dict(calls) == {("selective_scan", "cpu"): 1, ("selective_scan_backward", "cpu"): 1}
+
+
+def test_skip_input_without_D_raises():
+    args = [a.float() for a in _inputs(2, 3, 7, 4, h0=False)[:5]]
+    with pytest.raises(ValueError, match="pass D"):
+        selective_scan(*args, u=args[2])
+    with pytest.raises(ValueError, match="D has shape"):
+        selective_scan(*args, D=torch.ones(7))
+
+
+def test_cpu_gate_special_values_like_the_reference():
+    # the C kernel's vectorized silu: saturation at ±88, underflow, ±inf and NaN as in torch's silu
+    z = torch.tensor([[[0.0, 1.0, -1.0, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e-30, float("inf"),
+                        -float("inf"), float("nan")]]])  # fmt: skip
+    length = z.shape[-1]
+    args = (torch.zeros(1, 1, length), -torch.ones(1, 1), torch.ones(1, 1, length), torch.ones(1, length, 1),
+            torch.ones(1, length, 1))  # fmt: skip
+    got, _ = selective_scan(*args, backend="cpu", D=torch.ones(1), z=z)
+    want = (selective_scan_reference(*(a.double() for a in args))[0] + 1.0) * torch.nn.functional.silu(z.double())
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite].double(), want[finite], rtol=1e-6, atol=1e-37)

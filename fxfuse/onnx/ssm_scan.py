@@ -23,8 +23,9 @@ def check_selective_scan(node: torch.fx.Node) -> str:
     return f"{length} steps of Mul/Add/ReduceSum (ONNX has no scan op for it)"
 
 
-def selective_scan_to_onnx(dt, A, x, B, C, h0, backend: str):
-    """Translation of fxfuse::selective_scan(dt [Bt, D, L], A [D, N], x [Bt, D, L], B, C [Bt, L, N], h0)."""
+def selective_scan_to_onnx(dt, A, x, B, C, h0, backend: str, D=None, z=None, u=None):
+    """Translation of fxfuse::selective_scan(dt [Bt, D, L], A [D, N], x [Bt, D, L], B, C [Bt, L, N], h0, D [D],
+    z, u [Bt, D, L]): the D skip and silu(z) gate follow the steps."""
     length = int(dt.shape[2])
     dt, A, x, B, C = (op.Cast(t, to=FLOAT.dtype) for t in (dt, A, x, B, C))
     decay = op.Exp(op.Mul(op.Unsqueeze(dt, [3]), op.Unsqueeze(A, [0, 2])))  # [Bt, D, L, N]
@@ -37,4 +38,11 @@ def selective_scan_to_onnx(dt, A, x, B, C, h0, backend: str):
         step = op.Constant(value_int=t)
         h = op.Add(op.Mul(op.Gather(decay, step, axis=2), h), op.Gather(inputs, step, axis=2))
         ys.append(op.ReduceSum(op.Mul(h, op.Gather(readout, step, axis=2)), [-1], keepdims=1))
-    return op.Concat(*ys, axis=2), h
+    y = op.Concat(*ys, axis=2)
+    if D is not None:
+        skip = x if u is None else op.Cast(u, to=FLOAT.dtype)
+        y = op.Add(y, op.Mul(skip, op.Unsqueeze(op.Cast(D, to=FLOAT.dtype), [0, 2])))
+    if z is not None:
+        z = op.Cast(z, to=FLOAT.dtype)
+        y = op.Mul(y, op.Mul(z, op.Sigmoid(z)))
+    return y, h

@@ -3,7 +3,9 @@
 
    The exponential is our own (Cephes-style range reduction and a degree-6 polynomial, ~1 ulp, NaN, inf
    and underflow as expf) so that the compiler vectorizes the loop over the state: libm's expf is scalar.
-   Layouts (contiguous float32): dt, x, y [B, D, L]; A [D, N]; Bm, Cm [B, L, N]; h0, hlast [B, D, N]. */
+   Layouts (contiguous float32): dt, x, y [B, D, L]; A [D, N]; Bm, Cm [B, L, N]; h0, hlast [B, D, N].
+   The Mamba block's D skip and silu gate, y = (y + u * D) * silu(z) with Dv [D] and u, z [B, D, L], are
+   applied to each y_t as it is read out; Dv and z may be NULL (no skip, no gate). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -85,9 +87,31 @@ static inline __attribute__((always_inline)) void scan_row(
     }
 }
 
+/* (y + u * D_d) * silu(z) for one row, in place; D_d NULL without a skip, z NULL without a gate. The gate
+   runs 8 steps at a time through exp8 (libm's expf is scalar). */
+static void skip_and_gate(float *restrict y, const float *restrict u, const float *D_d, const float *restrict z,
+                          int64_t length) {
+    if (D_d)
+        for (int64_t t = 0; t < length; ++t) y[t] += u[t] * *D_d;
+    if (!z) return;
+    for (int64_t t0 = 0; t0 < length; t0 += 8) {
+        const size_t bytes = sizeof(float) * (size_t)(length - t0 < 8 ? length - t0 : 8);
+        float zb[8] = {0}, yb[8] = {0};
+        memcpy(zb, z + t0, bytes);
+        memcpy(yb, y + t0, bytes);
+        vf8 zv, yv;
+        memcpy(&zv, zb, sizeof zv);
+        memcpy(&yv, yb, sizeof yv);
+        yv = yv * (zv / (1.0f + exp8(-zv)));
+        memcpy(yb, &yv, sizeof yv);
+        memcpy(y + t0, yb, bytes);
+    }
+}
+
 void fx_selective_scan_fwd(const float *dt, const float *A, const float *x, const float *Bm, const float *Cm,
-                           const float *h0, float *y, float *hlast, int64_t batch, int64_t channels,
-                           int64_t length, int64_t nstate, int threads) {
+                           const float *h0, const float *Dv, const float *z, const float *u, float *y,
+                           float *hlast, int64_t batch, int64_t channels, int64_t length, int64_t nstate,
+                           int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float *work = malloc(sizeof(float) * (2 * CHUNK * nstate + 16));
@@ -106,6 +130,7 @@ void fx_selective_scan_fwd(const float *dt, const float *A, const float *x, cons
             case 32: scan_row(args_dt, a_row, args_x, bm, cm, h, out, work, length, 32); break;
             default: scan_row(args_dt, a_row, args_x, bm, cm, h, out, work, length, nstate);
             }
+            if (Dv || z) skip_and_gate(out, u + bd * length, Dv ? Dv + d : NULL, z ? z + bd * length : NULL, length);
             memcpy(hlast + bd * nstate, h, sizeof(float) * nstate);
         }
         free(work);
@@ -114,12 +139,16 @@ void fx_selective_scan_fwd(const float *dt, const float *A, const float *x, cons
 }
 
 /* Gradients of the forward above for the output gradient gy [B, D, L] and ghlast [B, D, N] (may be NULL).
+   With a skip or gate the readout y_t is recomputed from the states, gy is taken through the gate and the
+   skip to the scan's y, and dz, du [B, D, L] and dDrow [B, D] (dD per row, summed over batch by the caller)
+   are written; dz, du and dDrow are only touched when z, respectively Dv, is given.
    Each (b, d) recomputes its states into a private [L + 1, N] buffer and walks time backwards; dA, dB and
    dC sum over channels or batch, so every thread accumulates into its own slice of `scratch`
    (threads * (D * N + 2 * B * L * N) floats) and the slices are added at the end. */
 void fx_selective_scan_bwd(const float *gy, const float *ghlast, const float *dt, const float *A, const float *x,
-                           const float *Bm, const float *Cm, const float *h0, float *ddt, float *dA, float *dx,
-                           float *dB, float *dC, float *dh0, float *scratch, int64_t batch, int64_t channels,
+                           const float *Bm, const float *Cm, const float *h0, const float *Dv, const float *z,
+                           const float *u, float *ddt, float *dA, float *dx, float *dB, float *dC, float *dh0,
+                           float *dz, float *du, float *dDrow, float *scratch, int64_t batch, int64_t channels,
                            int64_t length, int64_t nstate, int threads) {
     const int64_t per_thread = channels * nstate + 2 * batch * length * nstate;
     memset(scratch, 0, sizeof(float) * per_thread * threads);
@@ -150,10 +179,26 @@ void fx_selective_scan_bwd(const float *gy, const float *ghlast, const float *dt
                 for (int64_t n = 0; n < nstate; ++n) cur[n] = decays[t * nstate + n] * prev[n] + xv * bt[n];
             }
             for (int64_t n = 0; n < nstate; ++n) g[n] = ghlast ? ghlast[bd * nstate + n] : 0.0f;
+            const float D_d = Dv ? Dv[d] : 0.0f;
+            float dD_acc = 0.0f;
             for (int64_t t = length - 1; t >= 0; --t) {
-                const float dtv = dt[bd * length + t], xv = x[bd * length + t], gyt = gy[bd * length + t];
+                const float dtv = dt[bd * length + t], xv = x[bd * length + t];
                 const float *bt = Bm + (b * length + t) * nstate, *ct = Cm + (b * length + t) * nstate;
                 const float *cur = hs + (t + 1) * nstate, *prev = hs + t * nstate;
+                float gyt = gy[bd * length + t];
+                if (z) { /* through the gate: d/dy of y * silu(z), and d/dz with y the skipped readout */
+                    float yt = 0.0f;
+#pragma omp simd reduction(+ : yt)
+                    for (int64_t n = 0; n < nstate; ++n) yt += cur[n] * ct[n];
+                    const float zv = z[bd * length + t], sig = 1.0f / (1.0f + expf(-zv));
+                    if (Dv) yt += u[bd * length + t] * D_d;
+                    dz[bd * length + t] = gyt * yt * sig * (1.0f + zv * (1.0f - sig));
+                    gyt *= zv * sig;
+                }
+                if (Dv) {
+                    du[bd * length + t] = gyt * D_d;
+                    dD_acc += gyt * u[bd * length + t];
+                }
                 float *db = my_dB + (b * length + t) * nstate, *dc = my_dC + (b * length + t) * nstate;
                 float *da = my_dA + d * nstate;
                 float gx = 0.0f, gdt = 0.0f;
@@ -173,6 +218,7 @@ void fx_selective_scan_bwd(const float *gy, const float *ghlast, const float *dt
                 ddt[bd * length + t] = gdt;
             }
             for (int64_t n = 0; n < nstate; ++n) dh0[bd * nstate + n] = g[n];
+            if (Dv) dDrow[bd] = dD_acc;
         }
         free(hs);
         free(decays);

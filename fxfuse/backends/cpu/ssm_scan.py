@@ -79,8 +79,8 @@ def _library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:
         return f"the C kernel did not load ({exc}); the reference runs instead"
-    lib.fx_selective_scan_fwd.argtypes = [_F32] * 8 + [_I64] * 4 + [_INT]
-    lib.fx_selective_scan_bwd.argtypes = [_F32] * 15 + [_I64] * 4 + [_INT]
+    lib.fx_selective_scan_fwd.argtypes = [_F32] * 11 + [_I64] * 4 + [_INT]
+    lib.fx_selective_scan_bwd.argtypes = [_F32] * 21 + [_I64] * 4 + [_INT]
     lib.fx_selective_scan_fwd.restype = lib.fx_selective_scan_bwd.restype = None
     return lib
 
@@ -100,34 +100,42 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def selective_scan_cpu(
-    dt: torch.Tensor, A: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dt: torch.Tensor, A: torch.Tensor, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The reference's contract (see `selective_scan_reference`) for float32 CPU tensors: y [Bt, D, L], h [Bt, D, N]."""
     lib = _library()
     assert not isinstance(lib, str), lib
-    dt, A, x, B, C, h0 = (_f32(t) for t in (dt, A, x, B, C, h0))
+    dt, A, x, B, C, h0, D, z, u = (_f32(t) for t in (dt, A, x, B, C, h0, D, z, u))
     batch, channels, length = dt.shape
     nstate = A.shape[1]
     y = dt.new_empty(batch, channels, length)
     h = dt.new_empty(batch, channels, nstate)
-    lib.fx_selective_scan_fwd(*map(_ptr, (dt, A, x, B, C, h0, y, h)), batch, channels, length, nstate,
-                              torch.get_num_threads())  # fmt: skip
+    lib.fx_selective_scan_fwd(*map(_ptr, (dt, A, x, B, C, h0, D, z, x if u is None else u, y, h)), batch, channels,
+                              length, nstate, torch.get_num_threads())  # fmt: skip
     return y, h
 
 
 def selective_scan_cpu_backward(
     gy: torch.Tensor, gh: torch.Tensor | None, dt: torch.Tensor, A: torch.Tensor, x: torch.Tensor,
-    B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None,
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """(d dt, dA, dx, dB, dC, dh0) in float32 for output gradients gy [Bt, D, L] and gh [Bt, D, N] (or None)."""
+    B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None, D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None, u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """(d dt, dA, dx, dB, dC, dh0, dD, dz, du) in float32 for output gradients gy [Bt, D, L] and gh [Bt, D, N]
+    (or None); None for an absent D, z or u (the skip's gradient goes to dx when u is None)."""
     lib = _library()
     assert not isinstance(lib, str), lib
-    gy, gh, dt, A, x, B, C, h0 = (_f32(t) for t in (gy, gh, dt, A, x, B, C, h0))
+    gy, gh, dt, A, x, B, C, h0, D, z, u = (_f32(t) for t in (gy, gh, dt, A, x, B, C, h0, D, z, u))
     batch, channels, length = dt.shape
     nstate = A.shape[1]
     threads = torch.get_num_threads()
     grads = [torch.empty_like(t) for t in (dt, A, x, B, C)] + [dt.new_empty(batch, channels, nstate)]
+    dz = torch.empty_like(z) if z is not None else None
+    du, d_rows = (torch.empty_like(dt), dt.new_empty(batch, channels)) if D is not None else (None, None)
     scratch = dt.new_empty(threads * (channels * nstate + 2 * batch * length * nstate))
-    lib.fx_selective_scan_bwd(*map(_ptr, (gy, gh, dt, A, x, B, C, h0, *grads, scratch)), batch, channels, length,
-                              nstate, threads)  # fmt: skip
-    return tuple(grads)
+    lib.fx_selective_scan_bwd(*map(_ptr, (gy, gh, dt, A, x, B, C, h0, D, z, x if u is None else u, *grads, dz, du,
+                                          d_rows, scratch)), batch, channels, length, nstate, threads)  # fmt: skip
+    if du is not None and u is None:
+        grads[2] += du
+        du = None
+    return (*grads, None if D is None else d_rows.sum(0), dz, du)
