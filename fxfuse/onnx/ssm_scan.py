@@ -54,13 +54,11 @@ def _step_body(A: ir.Value, dt: ir.Value, x: ir.Value, B: ir.Value, C: ir.Value,
     last, channel = axes(2), axes(1)
     decay = tape.op("Exp", [tape.op("Mul", [tape.op("Unsqueeze", [dt_t, last]), A])])  # exp(dt_t ⊗ A)
     drive = tape.op("Mul", [tape.op("Unsqueeze", [x_t, last]), tape.op("Unsqueeze", [B_t, channel])])
-    h_next = tape.op("Add", [tape.op("Mul", [decay, h]), drive], name="ssm_h_out")
+    h_next = tape.op("Add", [tape.op("Mul", [decay, h]), drive])
     y_t = tape.op("ReduceSum", [tape.op("Mul", [h_next, tape.op("Unsqueeze", [C_t, channel])]), last],
                   {"keepdims": 0})  # fmt: skip
-    y_t.name = "ssm_y_t"
-    h_out = tape.op("Identity", [h_next])  # a graph output distinct from the value the body reads again
-    h_out.name = "ssm_h_next"
-    return ir.Graph([h, dt_t, x_t, B_t, C_t], [h_out, y_t], nodes=tape.nodes, name="selective_scan_step")
+    h_next.name, y_t.name = "ssm_h_out", "ssm_y_t"
+    return ir.Graph([h, dt_t, x_t, B_t, C_t], [h_next, y_t], nodes=tape.nodes, name="selective_scan_step")
 
 
 def _emit(op_type: str, inputs: list, num_outputs: int, **attributes) -> tuple[ir.Value, ...]:
