@@ -14,9 +14,15 @@ the Scan node, outside the body.
 
 from __future__ import annotations
 
+import itertools
+
 import onnx_ir as ir
 import torch
 from onnxscript.onnx_opset import opset23 as op
+
+# body value names must not repeat a name of the enclosing graph (the exporter names those val_0, val_1,
+# ... and, without its optimizer, would give the body's unnamed values the same names)
+_BODIES = itertools.count()
 
 
 def check_selective_scan(node: torch.fx.Node) -> str:
@@ -40,13 +46,14 @@ def _step_input(name: str, like: ir.Value, dtype: ir.DataType, time_axis: int) -
 def _step_body(A: ir.Value, dt: ir.Value, x: ir.Value, B: ir.Value, C: ir.Value, dtype: ir.DataType) -> ir.Graph:
     """Scan body (h [Bt, D, N]; dt_t, x_t [Bt, D]; B_t, C_t [Bt, N]) -> (h', y_t [Bt, D]); A [D, N] is read
     from the enclosing graph."""
+    prefix = f"selective_scan_step{next(_BODIES)}"
     tape = ir.tape.Tape()
     state_shape = None if dt.shape is None or A.shape is None else ir.Shape([dt.shape[0], dt.shape[1], A.shape[1]])
-    h = ir.Value(name="ssm_h_in", type=ir.TensorType(dtype), shape=state_shape)
-    dt_t = _step_input("ssm_dt_t", dt, dtype, 2)
-    x_t = _step_input("ssm_x_t", x, dtype, 2)
-    B_t = _step_input("ssm_B_t", B, dtype, 1)
-    C_t = _step_input("ssm_C_t", C, dtype, 1)
+    h = ir.Value(name=f"{prefix}_h", type=ir.TensorType(dtype), shape=state_shape)
+    dt_t = _step_input(f"{prefix}_dt", dt, dtype, 2)
+    x_t = _step_input(f"{prefix}_x", x, dtype, 2)
+    B_t = _step_input(f"{prefix}_B", B, dtype, 1)
+    C_t = _step_input(f"{prefix}_C", C, dtype, 1)
 
     def axes(*ints: int) -> ir.Value:
         return tape.op("Constant", [], {"value_ints": list(ints)})
@@ -57,8 +64,11 @@ def _step_body(A: ir.Value, dt: ir.Value, x: ir.Value, B: ir.Value, C: ir.Value,
     h_next = tape.op("Add", [tape.op("Mul", [decay, h]), drive])
     y_t = tape.op("ReduceSum", [tape.op("Mul", [h_next, tape.op("Unsqueeze", [C_t, channel])]), last],
                   {"keepdims": 0})  # fmt: skip
-    h_next.name, y_t.name = "ssm_h_out", "ssm_y_t"
-    return ir.Graph([h, dt_t, x_t, B_t, C_t], [h_next, y_t], nodes=tape.nodes, name="selective_scan_step")
+    for i, node in enumerate(tape.nodes):
+        node.name = f"{prefix}_n{i}"
+        node.outputs[0].name = f"{prefix}_v{i}"
+    h_next.name, y_t.name = f"{prefix}_h_next", f"{prefix}_y"
+    return ir.Graph([h, dt_t, x_t, B_t, C_t], [h_next, y_t], nodes=tape.nodes, name=prefix)
 
 
 def _emit(op_type: str, inputs: list, num_outputs: int, **attributes) -> tuple[ir.Value, ...]:
