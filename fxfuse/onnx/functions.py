@@ -23,6 +23,19 @@ def _fx_node(node: onnx.NodeProto) -> str:
     return ""
 
 
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (a Scan or Loop body) read from the enclosing scope: they must become inputs
+    of the function too, since a function body sees nothing but its inputs."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            defined = {x.name for x in graph.input} | {x.name for x in graph.initializer}
+            defined |= {out for n in graph.node for out in n.output}
+            used = {x for n in graph.node for x in (*n.input, *_outer_names(n))} | {o.name for o in graph.output}
+            names |= used - defined - {""}
+    return names
+
+
 def _wrap_one(model: onnx.ModelProto, site: LoweredSite, tag: str, index: int) -> bool:
     graph = model.graph
     positions = [i for i, n in enumerate(graph.node) if _fx_node(n) == tag]
@@ -30,7 +43,8 @@ def _wrap_one(model: onnx.ModelProto, site: LoweredSite, tag: str, index: int) -
         return False
     group = [graph.node[i] for i in positions]
     produced = {out for n in group for out in n.output if out}
-    inputs = list(dict.fromkeys(x for n in group for x in n.input if x and x not in produced))
+    read = (x for n in group for x in (*n.input, *sorted(_outer_names(n))))
+    inputs = list(dict.fromkeys(x for x in read if x and x not in produced))
     in_group = set(map(id, group))
     used_outside = {x for n in graph.node if id(n) not in in_group for x in n.input}
     used_outside |= {o.name for o in graph.output}
