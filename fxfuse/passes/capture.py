@@ -71,7 +71,9 @@ def capture_graphs(model: Callable, args: Sequence[object] = (), kwargs: dict | 
     return graphs
 
 
-_DYNAMO_ROOT = re.compile(r"^L\['(self|s|model|mod|m|fn)'\]\.?")
+# the module's own name in dynamo's source: `self`, or `args[0]` when a decorator's `wrapper(*args)` (Hugging
+# Face's output-capturing wrappers) received it; a module path in nn_module_stack starts at a module
+_DYNAMO_ROOT = re.compile(r"^L\['(self|s|model|mod|m|fn)'\]\.?|^L\['args'\]\[0\]\.?")
 
 
 def _module_path(node: torch.fx.Node) -> str:
