@@ -27,11 +27,13 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from fxfuse.passes.rewrite import region_of
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_labels import PASS_THROUGH, NotAScan, Product, factors, output_labels, shape, strip_moves
 from fxfuse.passes.ssm_scan import (
     _ALLOWED,
     SCAN_TOLERANCE,
+    Tail,
     _arrange,
     _backend_name,
     _call,
@@ -39,6 +41,7 @@ from fxfuse.passes.ssm_scan import (
     _input_gen,
     _split,
     _to_layout,
+    skip_and_gate,
 )
 from fxfuse.passes.verify import random_like
 
@@ -339,10 +342,22 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
 
 
 def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: str) -> Site:
-    parts, sizes, out, finals = found["parts"], found["sizes"], found["out"], found["finals"]
-    inputs = list(dict.fromkeys(leaf for part in parts.values() for leaf, _ in part.leaves))
+    """The scan with the Mamba block's D skip and silu(z) gate after its readout moved in (passes/ssm_scan.py's
+    `skip_and_gate`), or without them where their inputs come from the region itself."""
+    fused = _site_with(found, front, length, dim, backend, form, skip_and_gate(found["out"], found["stacked"],
+                                                                               found["sizes"]))  # fmt: skip
+    if fused.output is found["out"] or not isinstance(region_of(fused), str):
+        return fused
+    return _site_with(found, front, length, dim, backend, form, Tail(found["out"]))
+
+
+def _site_with(found: dict, front: Node, length: int, dim: int, backend: str, form: str, tail: Tail) -> Site:
+    parts, sizes, finals = found["parts"], found["sizes"], found["finals"]
+    leaves = list(dict.fromkeys(leaf for part in parts.values() for leaf, _ in part.leaves))
+    inputs = list(dict.fromkeys(leaves + tail.inputs))
     extra = finals[:1]
-    out_val = out.meta["val"]
+    out_val = tail.output.meta["val"]
+    wide = any(n.meta["val"].dtype == torch.float64 for n in [found["out"], *tail.inputs])
 
     def emit(graph: Graph, nodes: list[Node]) -> Node | list[Node]:
         import fxfuse.fusion.ssm_scan  # noqa: F401  registers torch.ops.fxfuse.selective_scan
@@ -350,8 +365,9 @@ def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: s
         env = dict(zip(inputs, nodes))
         args = [_arrange(graph, env, parts[name], axes, sizes)
                 for name, axes in (("dt", "bdl"), ("A", "dn"), ("x", "bdl"), ("B", "bln"), ("C", "bln"))]  # fmt: skip
-        scan = _call(graph, torch.ops.fxfuse.selective_scan.default, *args, None, backend)
-        state = torch.float64 if out_val.dtype == torch.float64 else torch.float32
+        scan = _call(graph, torch.ops.fxfuse.selective_scan.default, *args, None, backend,
+                     *tail.op_args(graph, env, found["stacked"], sizes))  # fmt: skip
+        state = torch.float64 if wide else torch.float32
         y = _to_layout(graph, _call(graph, operator.getitem, scan, 0), "bdl", found["stacked"], tuple(out_val.shape),
                        out_val.dtype, state)  # fmt: skip
         if not extra:
@@ -363,10 +379,11 @@ def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: s
 
     variant = ", ".join(
         ["associative_scan → 1 scan", "selective", "fused discretization"]
+        + tail.parts
         + (["final state"] if extra else [])
         + [f"readout {found['kind']}", f"scan dim {dim}", f"{length} steps", form]
     )
-    return Site("ssm_scan", variant, front, out, inputs, emit, backend=_backend_name(backend, out),
+    return Site("ssm_scan", variant, front, tail.output, inputs, emit, backend=_backend_name(backend, tail.output),
                 tolerance=SCAN_TOLERANCE, input_gen=_input_gen(inputs, parts), extra_region=list(finals),
                 extra_outputs=extra)  # fmt: skip
 
