@@ -3,8 +3,9 @@
 Every backend supplies one primitive, the (decayed, causal or not) product of the reference, and the
 forward and backward are built from it there: CPU -> chunked ATen matmuls, CUDA -> the Triton chunked
 kernel, anything else -> the materialized quadratic form. `block=c > 0` (with causal) is the
-block-exclusive mask j // c < i // c: a position sees the keys of the earlier blocks only. The backward is its own opaque op
-(`fxfuse::linear_attention_backward`) so make_fx / torch.compile / export trace it as one node.
+block-exclusive mask j // c < i // c: a position sees the keys of the earlier blocks only. The backward
+is its own opaque op (`fxfuse::linear_attention_backward`) so make_fx / torch.compile / export trace it
+as one node.
 """
 
 from __future__ import annotations

@@ -165,6 +165,4 @@ def linear_attention_reference_backward(
     decay: Sequence[float] | None = None, normalize: str = "none", eps: float = 0.0, block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of `linear_attention_reference` (compute dtype) with materialized products."""
-    return linear_attention_backward(
-        quadratic_product, grad_out, q, k, v, scale, causal, decay, normalize, eps, block
-    )
+    return linear_attention_backward(quadratic_product, grad_out, q, k, v, scale, causal, decay, normalize, eps, block)
