@@ -5,7 +5,8 @@ kv_g = k_g^T v_g is summed over the buckets before it (cumsum over g shifted by 
 cat([zeros, cumsum[:-1]]) or cumsum(kv) - kv) and read by each query of the bucket: inter = q_g @ kv_(<g).
 Alone that is block-exclusive
 (a token sees no key of its own bucket) -- lucidrains' causal_linear_attn, FLASH's global linear part --
-and the fused op has no such mode: left alone with the reason. Plus the intra-bucket quadratic part
+and becomes `fxfuse::linear_attention(causal=True, block=c)` (j // c < i // c: exactly what the buckets
+compute, not token-causal). Plus the intra-bucket quadratic part
 (q_g k_g^T * tril) @ v_g it is exactly causal linear attention over the whole sequence:
 
     (inter + intra)[g, i] = sum_{g' < g, j} (q_gi . k_g'j) v_g'j + sum_{j <= i} (q_gi . k_gj) v_gj
@@ -28,9 +29,9 @@ from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
 _PADS = (aten.pad.default, aten.constant_pad_nd.default)
-BLOCK_EXCLUSIVE = (
-    "bucket i reads only the buckets before it (a running sum of per-bucket kᵀv shifted by one bucket, no "
-    "intra-bucket part): block-exclusive, not token-causal, and the fused op has no such mode"
+ROW_SCALED = (
+    "the block-exclusive running sum's rows are scaled by a third einsum operand that is not read as the "
+    "op's normaliser"
 )
 
 
@@ -296,7 +297,9 @@ def match_buckets(node: Node, backend: str) -> Site | Rejection | None:
     user = next(iter(node.users)) if len(node.users) == 1 else None
     if user is not None and isinstance(match_buckets(user, backend), Site):
         return None  # the sum with the intra-bucket part anchors the site
-    return Rejection(PATTERN, "bucketed running sum", node, BLOCK_EXCLUSIVE)
+    if b.normalised:
+        return Rejection(PATTERN, "bucketed running sum", node, ROW_SCALED)
+    return _site(node, b, None, backend)  # no intra-bucket part: block-exclusive
 
 
 def defers_to_buckets(node: Node) -> bool:
@@ -309,7 +312,9 @@ def _unbucketed(node: Node) -> Node:
     return node.args[0] if is_call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default) else node
 
 
-def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Rejection:
+def _site(node: Node, b: Buckets, weights: Weights | None, backend: str) -> Site | Rejection:
+    """One `fxfuse::linear_attention` over the flattened buckets: token-causal with the intra-bucket part
+    (`weights`, its proven tril mask), block-exclusive with block = the bucket size without (None)."""
     from fxfuse.fusion.linear_attention import linear_attention_backend
 
     sizes = {}
@@ -323,6 +328,7 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
     batch_sizes = [sizes[r] for r in b.batch]
     n = sizes["g"] * sizes["c"]
     out_dtype, q_dtype = val(node).dtype, val(b.q).dtype
+    block = 0 if weights is not None else sizes["c"]
 
     def flat(graph: Graph, x: Node, roles: str, feat: str) -> Node:
         x = graph.call_function(aten.permute.default, (x, [roles.index(r) for r in b.batch + "gc" + feat]))
@@ -336,7 +342,7 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
 
         q, k, v = (flat(graph, x, r, f) for x, r, f in zip(nodes, (b.q_roles, b.k_roles, b.v_roles), "dde"))
         out = graph.call_function(
-            torch.ops.fxfuse.linear_attention.default, (q, k, v, b.scale, True, None, "none", 0.0, backend)
+            torch.ops.fxfuse.linear_attention.default, (q, k, v, b.scale, True, None, "none", 0.0, backend, block)
         )
         if lead:
             out = graph.call_function(aten.squeeze.dims, (out, list(range(lead))))
@@ -346,15 +352,23 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
         return out
 
-    variant = (
-        f"bucketed running sum + intra-bucket part (buckets of {sizes['c']}) = one causal pass, "
-        f"{feature_map(_unbucketed(b.q))}, no normaliser, causal"
-    ) + (f", scale {b.scale:.4g}" if b.scale != 1.0 else "")
-    name = linear_attention_backend(backend, val(b.q).device, q_dtype, sizes["d"], sizes["e"])[0]
-    constants = dict(enumerate(weights.constants.values(), start=3))  # the tril mask, folded
+    if block:
+        variant = (
+            f"bucketed running sum (buckets of {block}) → 1 op, block-exclusive (not token-causal), "
+            f"{feature_map(_unbucketed(b.q))}, no normaliser"
+        )
+    else:
+        variant = (
+            f"bucketed running sum + intra-bucket part (buckets of {sizes['c']}) = one causal pass, "
+            f"{feature_map(_unbucketed(b.q))}, no normaliser, causal"
+        )
+    variant += f", scale {b.scale:.4g}" if b.scale != 1.0 else ""
+    name = linear_attention_backend(backend, val(b.q).device, q_dtype, sizes["d"], sizes["e"], block)[0]
+    folded = weights.constants if weights is not None else {}
+    constants = dict(enumerate(folded.values(), start=3))  # the tril mask, folded
 
     def gen(i: int, meta: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
         return constants[i].clone() if i in constants else None
 
-    inputs = [b.q, b.k, b.v, *weights.constants]
+    inputs = [b.q, b.k, b.v, *folded]
     return Site(PATTERN, variant, node, node, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
