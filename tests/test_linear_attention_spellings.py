@@ -332,7 +332,7 @@ def test_bucketed_running_sum_with_intra_part_fused(name):
     fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
 
 
-def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3):
+def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3, shift_den=True):
     # linear-attention-transformer's causal_linear_attn: buckets see only the buckets before them
     b, h, n, e = q.shape
     q, k = q.softmax(dim=-1) * e**-0.5, torch.exp(k)
@@ -340,7 +340,8 @@ def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3):
     b_k_cumsum = b_k.sum(dim=-2).cumsum(dim=-2)
     context = torch.einsum("bhund,bhune->bhude", b_k, b_v).cumsum(dim=-3)
     context = F.pad(context, (0, 0, 0, 0, 1, 0), value=0.0)[:, :, :-1]
-    b_k_cumsum = F.pad(b_k_cumsum, (0, 0, 1, 0), value=0.0)[:, :, :-1]
+    if shift_den:  # (a near miss divides by the sum over its own bucket too)
+        b_k_cumsum = F.pad(b_k_cumsum, (0, 0, 1, 0), value=0.0)[:, :, :-1]
     d_inv = 1.0 / torch.einsum("bhud,bhund->bhun", b_k_cumsum, b_q).clamp(min=eps)
     return torch.einsum("bhund,bhude,bhun->bhune", b_q, context, d_inv).reshape(*q.shape)
 
@@ -353,6 +354,8 @@ BUCKETED_BLOCK_EXCLUSIVE = {
     "flash_linear_part_alone": (lambda q, k, v: flash_groups(q, k, v, "none"), [*BLOCK_EXCLUSIVE, "scale 0.25"]),
     # FLASH itself: its relu² intra-group part stays as written, the global linear part is fused
     "flash_relu2_intra": (lambda q, k, v: flash_groups(q, k, v, "relu2"), [*BLOCK_EXCLUSIVE, "φ=relu"]),
+    # its D_inv = 1 / clamp(q . (k summed per bucket, running sum shifted by one bucket), eps) is the normaliser
+    "lucidrains_causal_linear_attn": (lucidrains_causal_linear_attn, [*BLOCK_EXCLUSIVE, "normaliser clamp(min=eps)"]),
 }
 
 
@@ -364,7 +367,10 @@ def test_bucketed_running_sum_alone_fused_block_exclusive(name):
 
 
 BUCKET_NEAR_MISSES = {
-    "lucidrains_causal_linear_attn": (lucidrains_causal_linear_attn, "not read as the op's normaliser"),
+    "lucidrains_own_bucket_in_normaliser": (
+        lambda q, k, v: lucidrains_causal_linear_attn(q, k, v, shift_den=False),
+        "not read as the op's normaliser",
+    ),
     "shift_by_two": (lambda q, k, v: bucketed_causal(q, k, v, shift=2), "shifted by 2 buckets"),
     "cumsum_over_heads": (lambda q, k, v: bucketed_causal(q, k, v, axis=1), None),
 }
