@@ -366,6 +366,18 @@ def test_bucketed_running_sum_alone_fused_block_exclusive(name):
     fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
 
 
+def padded_to_whole_buckets(q, k, v):
+    # the sequence zero-padded to a multiple of the bucket first, the output cut back: exact as written
+    n = q.shape[2]
+    q, k, v = (F.pad(t, (0, 0, 0, -n % 4)) for t in (q, k, v))
+    return bucketed_causal(q, k, v, intra=False)[:, :, :n]
+
+
+def test_bucketed_running_sum_of_a_padded_sequence_fused():
+    torch.manual_seed(0)
+    fused_matches_float64(Core(padded_to_whole_buckets), (torch.randn(2, 10, 16),), BLOCK_EXCLUSIVE)
+
+
 BUCKET_NEAR_MISSES = {
     "lucidrains_own_bucket_in_normaliser": (
         lambda q, k, v: lucidrains_causal_linear_attn(q, k, v, shift_den=False),
