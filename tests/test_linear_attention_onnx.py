@@ -36,3 +36,36 @@ def test_lowered_to_standard_ops_ort_matches_model(cls, tmp_path):
         want = tensor_leaves(model(*inputs))
     check = compare(run_onnx(str(tmp_path / "m.onnx"), inputs), want, 1e-5)
     assert check.ok, check.reason
+
+
+class BlockExclusive(torch.nn.Module):
+    """The op itself in its block-exclusive mode, at a length the block does not divide."""
+
+    def forward(self, q, k, v):
+        from fxfuse.fusion.linear_attention import linear_attention
+
+        return linear_attention(q, k, v, scale=0.5, causal=True, normalize="eps", eps=1e-3, block=4)
+
+
+def _bucketed_alone():
+    from tests.test_linear_attention_match import Core
+    from tests.test_linear_attention_spellings import bucketed_causal
+
+    return Core(lambda q, k, v: bucketed_causal(q, k, v, intra=False)).eval(), (torch.randn(2, 12, 16),)
+
+
+@pytest.mark.parametrize("case", ["op_partial_last_block", "bucketed_running_sum"])
+def test_block_exclusive_lowered_with_exclusive_cumsum(case, tmp_path):
+    torch.manual_seed(0)
+    if case == "op_partial_last_block":
+        model, inputs = BlockExclusive(), tuple(torch.rand(2, 2, 10, 8) for _ in range(3))
+    else:
+        model, inputs = _bucketed_alone()
+    result = fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx")
+    assert len(result.sites) == 1 and "block-exclusive (blocks of 4)" in result.sites[0].lowered_as
+    assert result.count("CumSum") == (2 if case == "op_partial_last_block" else 1), result.node_counts
+    assert not any(name.startswith("fxfuse") for name in result.node_counts)
+    with torch.no_grad():
+        want = tensor_leaves(model(*inputs))
+    check = compare(run_onnx(str(tmp_path / "m.onnx"), inputs), want, 1e-5)
+    assert check.ok, check.reason

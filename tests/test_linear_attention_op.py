@@ -117,3 +117,56 @@ def test_backend_choice_says_why():
     assert linear_attention_backend("auto", "cpu")[0] == "cpu"
     assert linear_attention_backend("reference", "cpu") == ("reference", "asked for")
     assert linear_attention_backend("auto", "meta")[0] == "reference"
+
+
+# --- block-exclusive: position i sees the keys j of the earlier blocks, j // c < i // c -----------------
+
+
+def block_quadratic(q, k, v, scale, block, normalize, eps):
+    """(phi(q) phi(k)^T * [j // c < i // c]) v in float64, the mask written from its definition."""
+    q, k, v = q.double(), k.double(), v.double()
+    hq = q.shape[1]
+    k, v = k.repeat_interleave(hq // k.shape[1], 1), v.repeat_interleave(hq // v.shape[1], 1)
+    n = q.shape[2]
+    mask = torch.tensor([[float(j // block < i // block) for j in range(n)] for i in range(n)], dtype=torch.float64)
+    w = q @ k.transpose(-1, -2) * scale * mask.to(q.device)
+    if normalize == "eps":
+        w = w / (w.sum(-1, keepdim=True) + eps)
+    elif normalize == "clamp":
+        w = w / w.sum(-1, keepdim=True).clamp(min=eps)
+    return w @ v
+
+
+# N not a multiple of the block (the last block partial); the Triton kernel runs block 16 in the interpreter
+BLOCK_CASES = [("reference", "none", 7), ("reference", "clamp", 16), ("cpu", "none", 7), ("cpu", "eps", 16),
+               ("cpu", "clamp", 32), ("triton", "none", 16), ("triton", "eps", 16), ("triton", "eps", 7)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend, normalize, block", BLOCK_CASES)
+def test_block_exclusive_matches_masked_quadratic_form(backend, normalize, block, device):
+    q, k, v = inputs(40, device, hq=2, hkv=1)
+    eps = 2.0 if normalize == "clamp" else 1e-3  # the first block sees no key: row sum 0, eps decides
+    out = linear_attention(q, k, v, scale=0.3, causal=True, normalize=normalize, eps=eps, backend=backend,
+                           block=block)  # fmt: skip
+    want = block_quadratic(q, k, v, 0.3, block, normalize, eps)
+    assert rel(out, want) < 1e-5
+    assert not out[:, :, :block].any()  # the first block has nothing before it
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want, (q, k, v), grad.double())
+    for name, g, r in zip("qkv", got, ref):
+        assert rel(g, r) < 1e-5, name
+
+
+def test_block_exclusive_opcheck_and_contract():
+    q, k, v = inputs(20, "cpu")
+    args = (q, k, v, 0.5, True, None, "eps", 1e-4, "cpu", 8)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fxfuse.linear_attention.default, args, test_utils=tests)
+    for kwargs, message in [(dict(block=4), "causal=True"), (dict(causal=True, block=4, decay=[0.9]), "decay"),
+                            (dict(causal=True, block=-1), "block")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            linear_attention(q, k, v, **kwargs)
+    assert linear_attention_backend("triton", "cuda", block=16)[0] == "triton"
+    backend, why = linear_attention_backend("triton", "cuda", block=12)
+    assert backend == "cpu" and "block 12" in why

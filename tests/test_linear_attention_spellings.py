@@ -296,6 +296,8 @@ def flash_groups(q, k, v, quadratic="linear"):
     lin_kv = F.pad(lin_kv.cumsum(dim=1), (0, 0, 0, 0, 1, -1), value=0.0)
     lin_out = torch.einsum("bgde,bgnd->bgne", lin_kv, lq)
     sim = torch.einsum("bgid,bgjd->bgij", lq, lk) / c
+    if quadratic == "none":  # the global linear part alone
+        return lin_out.reshape(b, h, n, d)
     if quadratic == "linear":
         quad = sim.masked_fill(torch.ones(c, c, dtype=torch.bool).triu(1), 0.0)
     else:
@@ -330,7 +332,7 @@ def test_bucketed_running_sum_with_intra_part_fused(name):
     fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
 
 
-def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3):
+def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3, shift_den=True):
     # linear-attention-transformer's causal_linear_attn: buckets see only the buckets before them
     b, h, n, e = q.shape
     q, k = q.softmax(dim=-1) * e**-0.5, torch.exp(k)
@@ -338,17 +340,51 @@ def lucidrains_causal_linear_attn(q, k, v, bucket_size=4, eps=1e-3):
     b_k_cumsum = b_k.sum(dim=-2).cumsum(dim=-2)
     context = torch.einsum("bhund,bhune->bhude", b_k, b_v).cumsum(dim=-3)
     context = F.pad(context, (0, 0, 0, 0, 1, 0), value=0.0)[:, :, :-1]
-    b_k_cumsum = F.pad(b_k_cumsum, (0, 0, 1, 0), value=0.0)[:, :, :-1]
+    if shift_den:  # (a near miss divides by the sum over its own bucket too)
+        b_k_cumsum = F.pad(b_k_cumsum, (0, 0, 1, 0), value=0.0)[:, :, :-1]
     d_inv = 1.0 / torch.einsum("bhud,bhund->bhun", b_k_cumsum, b_q).clamp(min=eps)
     return torch.einsum("bhund,bhude,bhun->bhune", b_q, context, d_inv).reshape(*q.shape)
 
 
+BLOCK_EXCLUSIVE = ["buckets of 4", "block-exclusive (not token-causal)"]
+# no intra-bucket part: a bucket reads only the buckets before it -> linear_attention(causal, block=4)
+BUCKETED_BLOCK_EXCLUSIVE = {
+    "no_intra_part": (lambda q, k, v: bucketed_causal(q, k, v, intra=False), [*BLOCK_EXCLUSIVE, "φ=elu+1"]),
+    "exclusive_cumsum_no_intra": (lambda q, k, v: bucketed_causal(q, k, v, "sub", intra=False), BLOCK_EXCLUSIVE),
+    "flash_linear_part_alone": (lambda q, k, v: flash_groups(q, k, v, "none"), [*BLOCK_EXCLUSIVE, "scale 0.25"]),
+    # FLASH itself: its relu² intra-group part stays as written, the global linear part is fused
+    "flash_relu2_intra": (lambda q, k, v: flash_groups(q, k, v, "relu2"), [*BLOCK_EXCLUSIVE, "φ=relu"]),
+    # its D_inv = 1 / clamp(q . (k summed per bucket, running sum shifted by one bucket), eps) is the normaliser
+    "lucidrains_causal_linear_attn": (lucidrains_causal_linear_attn, [*BLOCK_EXCLUSIVE, "normaliser clamp(min=eps)"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BUCKETED_BLOCK_EXCLUSIVE))
+def test_bucketed_running_sum_alone_fused_block_exclusive(name):
+    core, phrases = BUCKETED_BLOCK_EXCLUSIVE[name]
+    torch.manual_seed(0)
+    fused_matches_float64(Core(core), (torch.randn(2, 12, 16),), phrases)
+
+
+def padded_to_whole_buckets(q, k, v):
+    # the sequence zero-padded to a multiple of the bucket first, the output cut back: exact as written
+    n = q.shape[2]
+    q, k, v = (F.pad(t, (0, 0, 0, -n % 4)) for t in (q, k, v))
+    return bucketed_causal(q, k, v, intra=False)[:, :, :n]
+
+
+def test_bucketed_running_sum_of_a_padded_sequence_fused():
+    torch.manual_seed(0)
+    fused_matches_float64(Core(padded_to_whole_buckets), (torch.randn(2, 10, 16),), BLOCK_EXCLUSIVE)
+
+
 BUCKET_NEAR_MISSES = {
-    "lucidrains_causal_linear_attn": (lucidrains_causal_linear_attn, "block-exclusive"),
-    "no_intra_part": (lambda q, k, v: bucketed_causal(q, k, v, intra=False), "block-exclusive"),
+    "lucidrains_own_bucket_in_normaliser": (
+        lambda q, k, v: lucidrains_causal_linear_attn(q, k, v, shift_den=False),
+        "not read as the op's normaliser",
+    ),
     "shift_by_two": (lambda q, k, v: bucketed_causal(q, k, v, shift=2), "shifted by 2 buckets"),
     "cumsum_over_heads": (lambda q, k, v: bucketed_causal(q, k, v, axis=1), None),
-    "flash_relu2_intra": (lambda q, k, v: flash_groups(q, k, v, "relu2"), "block-exclusive"),
 }
 
 

@@ -5,7 +5,8 @@ kv_g = k_g^T v_g is summed over the buckets before it (cumsum over g shifted by 
 cat([zeros, cumsum[:-1]]) or cumsum(kv) - kv) and read by each query of the bucket: inter = q_g @ kv_(<g).
 Alone that is block-exclusive
 (a token sees no key of its own bucket) -- lucidrains' causal_linear_attn, FLASH's global linear part --
-and the fused op has no such mode: left alone with the reason. Plus the intra-bucket quadratic part
+and becomes `fxfuse::linear_attention(causal=True, block=c)` (j // c < i // c: exactly what the buckets
+compute, not token-causal). Plus the intra-bucket quadratic part
 (q_g k_g^T * tril) @ v_g it is exactly causal linear attention over the whole sequence:
 
     (inter + intra)[g, i] = sum_{g' < g, j} (q_gi . k_g'j) v_g'j + sum_{j <= i} (q_gi . k_gj) v_gj
@@ -23,14 +24,14 @@ from torch.fx import Graph, Node
 
 from fxfuse.passes.attention_layout import Product, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.linear_attention_site import PATTERN, Weights, einsum_sides, feature_map, is_call
+from fxfuse.passes.linear_attention_site import PATTERN, Weights, _input_gen, einsum_sides, feature_map, is_call
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
 _PADS = (aten.pad.default, aten.constant_pad_nd.default)
-BLOCK_EXCLUSIVE = (
-    "bucket i reads only the buckets before it (a running sum of per-bucket kᵀv shifted by one bucket, no "
-    "intra-bucket part): block-exclusive, not token-causal, and the fused op has no such mode"
+ROW_SCALED = (
+    "the block-exclusive running sum's rows are scaled by a third einsum operand that is not read as the "
+    "op's normaliser"
 )
 
 
@@ -48,7 +49,9 @@ class Buckets:
     out_roles: str
     batch: str
     scale: float = 1.0  # a constant factor on the bucket states (FLASH divides them by the bucket size)
-    normalised: bool = False  # a third einsum operand scales the output rows (never fused)
+    normalised: bool = False  # a third einsum operand scales the output rows
+    rows: Node | None = None  # that operand (lucidrains' D_inv)
+    rows_roles: str = ""
 
 
 def _exclusive_prefix(node: Node) -> tuple[Node, int] | str | None:
@@ -134,12 +137,12 @@ def _scaled(x: Node) -> tuple[float, Node]:
     return 1.0, x
 
 
-def _products(node: Node) -> list[tuple[Product, bool]]:
-    """`node` read as a product of two tensors, with whether a third einsum operand scales its rows
-    (lucidrains' `einsum('bhund,bhude,bhun->bhune', q, context, D_inv)`)."""
+def _products(node: Node) -> list[tuple[Product, tuple[Node, str] | None]]:
+    """`node` read as a product of two tensors, with the third einsum operand (and its labels) that scales
+    its rows (lucidrains' `einsum('bhund,bhude,bhun->bhune', q, context, D_inv)`), None without."""
     p = read_product(node)
     if p is not None:
-        return [(p, False)]
+        return [(p, None)]
     spelled = einsum_sides(node) if is_call(node, aten.einsum.default) and len(node.args[1]) == 3 else None
     if spelled is None:
         return []
@@ -148,7 +151,7 @@ def _products(node: Node) -> list[tuple[Product, bool]]:
         (la, lb), (a, b) = [x for j, x in enumerate(sides) if j != i], [t for j, t in enumerate(node.args[1]) if j != i]
         fits = all(c in out for c in sides[i]) and all(c in la + lb for c in out)
         if fits and all(len(set(x)) == len(x) for x in (*sides, out)):
-            found.append((Product(node, a, b, la, lb, out), True))
+            found.append((Product(node, a, b, la, lb, out), (node.args[1][i], sides[i])))
     return found
 
 
@@ -157,8 +160,9 @@ def _read_buckets(node: Node) -> Buckets | str | None:
     for p, scaled_rows in _products(node):
         found = _read_product_buckets(p)
         if found is not None:
-            if isinstance(found, Buckets):
-                found.normalised = scaled_rows
+            if isinstance(found, Buckets) and scaled_rows is not None:
+                found.normalised, (found.rows, labels) = True, scaled_rows
+                found.rows_roles = "".join(found.out_roles[p.out_labels.index(c)] for c in labels)
             return found
     return None
 
@@ -296,7 +300,55 @@ def match_buckets(node: Node, backend: str) -> Site | Rejection | None:
     user = next(iter(node.users)) if len(node.users) == 1 else None
     if user is not None and isinstance(match_buckets(user, backend), Site):
         return None  # the sum with the intra-bucket part anchors the site
-    return Rejection(PATTERN, "bucketed running sum", node, BLOCK_EXCLUSIVE)
+    normalised = ("none", 0.0)
+    if b.normalised:
+        normalised = _bucket_normaliser(b)
+        if normalised is None:
+            return Rejection(PATTERN, "bucketed running sum", node, ROW_SCALED)
+    return _site(node, b, None, backend, *normalised)  # no intra-bucket part: block-exclusive
+
+
+def _bucket_normaliser(b: Buckets) -> tuple[str, float] | None:
+    """(normalize, eps) when the rows are scaled by 1 / (q_g . ksum_(<g) + eps) or 1 / clamp(..., eps),
+    ksum_(<g) the running sum of k summed over each bucket, shifted by one bucket as the states are
+    (lucidrains' D_inv); None otherwise."""
+    from fxfuse.passes.linear_attention import _reciprocal_of
+
+    den = _reciprocal_of(b.rows)
+    if den is None or len(b.rows.users) != 1 or b.scale != 1.0 or sorted(b.rows_roles) != sorted(b.batch + "gc"):
+        return None
+    mode, eps = "eps", 0.0
+    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args[:2]):
+        number = 1 if isinstance(den.args[1], (int, float)) else 0
+        den, eps = den.args[1 - number], float(den.args[number])
+    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
+            return None
+        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    pd = read_product(den)
+    if pd is None or pd.bias is not None or pd.alpha != 1.0 or b.q not in (pd.a, pd.b) or pd.a is pd.b:
+        return None
+    ql, sl, ksum = (pd.a_labels, pd.b_labels, pd.b) if pd.a is b.q else (pd.b_labels, pd.a_labels, pd.a)
+    prefix = _exclusive_prefix(ksum)
+    if not isinstance(prefix, tuple):
+        return None
+    x, axis = prefix
+    c_axis = b.k_roles.index("c")
+    if not is_call(x, aten.sum.dim_IntList) or x.args[0] is not b.k or (len(x.args) > 2 and x.args[2]):
+        return None
+    if [d % len(b.k_roles) for d in x.args[1]] != [c_axis]:
+        return None  # k summed over the positions of each bucket
+    ks_roles = b.k_roles.replace("c", "")
+    if ks_roles[axis] != "g":
+        return None  # the running sum runs over the buckets
+    role = dict(zip(ql, b.q_roles))
+    if any(role.get(c, r) != r for c, r in zip(sl, ks_roles)):
+        return None  # a shared label must play one role on both sides
+    role |= dict(zip(sl, ks_roles))
+    contracted = [c for c in ql if c in sl and c not in pd.out_labels]
+    if [role[c] for c in contracted] != ["d"] or "".join(role.get(c, "?") for c in pd.out_labels) != b.rows_roles:
+        return None
+    return mode, eps
 
 
 def defers_to_buckets(node: Node) -> bool:
@@ -309,7 +361,11 @@ def _unbucketed(node: Node) -> Node:
     return node.args[0] if is_call(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default) else node
 
 
-def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Rejection:
+def _site(
+    node: Node, b: Buckets, weights: Weights | None, backend: str, normalize: str = "none", eps: float = 0.0
+) -> Site | Rejection:
+    """One `fxfuse::linear_attention` over the flattened buckets: token-causal with the intra-bucket part
+    (`weights`, its proven tril mask), block-exclusive with block = the bucket size without (None)."""
     from fxfuse.fusion.linear_attention import linear_attention_backend
 
     sizes = {}
@@ -323,6 +379,7 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
     batch_sizes = [sizes[r] for r in b.batch]
     n = sizes["g"] * sizes["c"]
     out_dtype, q_dtype = val(node).dtype, val(b.q).dtype
+    block = 0 if weights is not None else sizes["c"]
 
     def flat(graph: Graph, x: Node, roles: str, feat: str) -> Node:
         x = graph.call_function(aten.permute.default, (x, [roles.index(r) for r in b.batch + "gc" + feat]))
@@ -336,7 +393,7 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
 
         q, k, v = (flat(graph, x, r, f) for x, r, f in zip(nodes, (b.q_roles, b.k_roles, b.v_roles), "dde"))
         out = graph.call_function(
-            torch.ops.fxfuse.linear_attention.default, (q, k, v, b.scale, True, None, "none", 0.0, backend)
+            torch.ops.fxfuse.linear_attention.default, (q, k, v, b.scale, True, None, normalize, eps, backend, block)
         )
         if lead:
             out = graph.call_function(aten.squeeze.dims, (out, list(range(lead))))
@@ -346,15 +403,21 @@ def _site(node: Node, b: Buckets, weights: Weights, backend: str) -> Site | Reje
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
         return out
 
-    variant = (
-        f"bucketed running sum + intra-bucket part (buckets of {sizes['c']}) = one causal pass, "
-        f"{feature_map(_unbucketed(b.q))}, no normaliser, causal"
-    ) + (f", scale {b.scale:.4g}" if b.scale != 1.0 else "")
-    name = linear_attention_backend(backend, val(b.q).device, q_dtype, sizes["d"], sizes["e"])[0]
-    constants = dict(enumerate(weights.constants.values(), start=3))  # the tril mask, folded
+    if block:
+        variant = (
+            f"bucketed running sum (buckets of {block}) → 1 op, block-exclusive (not token-causal), "
+            f"{feature_map(_unbucketed(b.q))}, "
+        ) + (f"normaliser {'+ eps' if normalize == 'eps' else 'clamp(min=eps)'}" if b.normalised else "no normaliser")
+    else:
+        variant = (
+            f"bucketed running sum + intra-bucket part (buckets of {sizes['c']}) = one causal pass, "
+            f"{feature_map(_unbucketed(b.q))}, no normaliser, causal"
+        )
+    variant += f", scale {b.scale:.4g}" if b.scale != 1.0 else ""
+    name = linear_attention_backend(backend, val(b.q).device, q_dtype, sizes["d"], sizes["e"], block)[0]
+    folded = weights.constants if weights is not None else {}
+    constants = dict(enumerate(folded.values(), start=3))  # the tril mask, folded
 
-    def gen(i: int, meta: torch.Tensor, case: str, seed: int) -> torch.Tensor | None:
-        return constants[i].clone() if i in constants else None
-
-    inputs = [b.q, b.k, b.v, *weights.constants]
+    gen = _input_gen(constants, normalize != "none")
+    inputs = [b.q, b.k, b.v, *folded]
     return Site(PATTERN, variant, node, node, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)

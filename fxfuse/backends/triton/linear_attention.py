@@ -8,7 +8,8 @@ Every product of the op (forward, row sums, the three products of the backward, 
 - causal: out_chunk = (a_c b_c^T * L) c_c + (a_c * gamma^(i + 1)) S, then S = gamma^C S +
   (b_c * gamma^(C - 1 - j))^T c_c, L = tril * gamma^(i - j), all exponents chunk-local (0..C);
 - non-causal (N and M may differ): a first pass sums S over all of b, c, a second writes a S.
-The backward's reversed (anti-causal) products run on flipped sequences.
+- block-exclusive (block = c, a power of two): BLOCK_C = c and no intra part, out_chunk = a_c S.
+The backward's reversed (anti-causal) products run on flipped sequences (padded to whole blocks first).
 
 Shapes: a [B, H, N, D], b [B, H, M, D], c [B, H, M, E] (as float32, contiguous) -> out [B, H, N, E].
 """
@@ -16,6 +17,7 @@ Shapes: a [B, H, N, D], b [B, H, M, D], c [B, H, M, E] (as float32, contiguous) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -25,8 +27,13 @@ from fxfuse.backends import triton_interpreting
 MAX_DIM = 128  # D and E: the [D, BLOCK_E] state and a [C, D] tile stay in registers
 
 
-def triton_unsupported(dtype: torch.dtype, head_dim: int, v_head_dim: int) -> str | None:
+BLOCKS = (16, 32, 64, 128)  # block-exclusive block sizes the kernel runs (BLOCK_C = block)
+
+
+def triton_unsupported(dtype: torch.dtype, head_dim: int, v_head_dim: int, block: int = 0) -> str | None:
     """Why the Triton kernel cannot run this case (None when it can)."""
+    if block and block not in BLOCKS:
+        return f"block {block} is not one of {', '.join(map(str, BLOCKS))}"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not float16/bfloat16/float32"
     if not (1 <= head_dim <= MAX_DIM and 1 <= v_head_dim + 1 <= MAX_DIM):
@@ -48,7 +55,7 @@ def _decay(dist, log2_gamma, DECAY: tl.constexpr):
 def _chunked_kernel(
     a_ptr, b_ptr, c_ptr, out_ptr, log2_gamma_ptr,
     N, M, H, D, E, scale,
-    CAUSAL: tl.constexpr, DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -75,11 +82,14 @@ def _chunked_kernel(
         if CAUSAL:
             bt = tl.load(b_ptr + rows * D + offs_d[None, :], mask=(rows < N) & in_d, other=0.0)
             ct = tl.load(c_ptr + rows * E + offs_e[None, :], mask=(rows < N) & in_e, other=0.0)
-            s = tl.dot(at, tl.trans(bt), input_precision=DOT_PRECISION)
-            s = s * _decay(offs_c[:, None] - offs_c[None, :], log2_gamma, DECAY)
-            out = tl.dot(s, ct, input_precision=DOT_PRECISION)
-            into = _decay(offs_c[:, None] + 1, log2_gamma, DECAY)  # gamma^(i + 1): state to row i
-            out += tl.dot(at * into, state, input_precision=DOT_PRECISION)
+            if EXCLUSIVE:  # block-exclusive: the chunk is the block, only the state of the blocks before
+                out = tl.dot(at, state, input_precision=DOT_PRECISION)
+            else:
+                s = tl.dot(at, tl.trans(bt), input_precision=DOT_PRECISION)
+                s = s * _decay(offs_c[:, None] - offs_c[None, :], log2_gamma, DECAY)
+                out = tl.dot(s, ct, input_precision=DOT_PRECISION)
+                into = _decay(offs_c[:, None] + 1, log2_gamma, DECAY)  # gamma^(i + 1): state to row i
+                out += tl.dot(at * into, state, input_precision=DOT_PRECISION)
             out_of = _decay(BLOCK_C - 1 - offs_c[:, None], log2_gamma, DECAY)  # gamma^(C - 1 - j)
             carry = tl.exp2(BLOCK_C * log2_gamma) if DECAY else 1.0
             state = state * carry + tl.dot(tl.trans(bt * out_of), ct, input_precision=DOT_PRECISION)
@@ -90,11 +100,17 @@ def _chunked_kernel(
 
 def chunked_product_triton(
     a: Tensor, b: Tensor, c: Tensor, scale: float, causal: bool, decay: Tensor | None, reverse: bool = False,
-    precision: str = "ieee",
+    block: int = 0, precision: str = "ieee",
 ) -> Tensor:  # fmt: skip
     """out_i = scale * sum_j mask[i, j] (a_i . b_j) c_j, a [B, H, N, D], b [B, H, M, D], c [B, H, M, E]
     -> [B, H, N, E] float32; decay [H] float64 gammas (causal only, N == M). precision "ieee" keeps
-    float32 products exact to rounding; "tf32" (tensor cores) is for inputs that were half precision."""
+    float32 products exact to rounding; "tf32" (tensor cores) is for inputs that were half precision.
+    block = c (one of BLOCKS, causal, no decay): block-exclusive, j // c < i // c (reversed: >)."""
+    if reverse and causal and block:
+        n = a.shape[2]
+        flipped = (F.pad(t, (0, 0, 0, -n % block)).flip(-2) for t in (a, b, c))
+        out = chunked_product_triton(*flipped, scale, True, None, block=block, precision=precision)
+        return out.flip(-2)[:, :, :n]
     if reverse and causal:
         flipped = (a.flip(-2), b.flip(-2), c.flip(-2))
         return chunked_product_triton(*flipped, scale, True, decay, precision=precision).flip(-2)
@@ -110,11 +126,11 @@ def chunked_product_triton(
     # one program per (batch * head, E block) walks the whole sequence: narrow E blocks give the GPU more
     # programs (B * H alone can be a fraction of its SMs) at the price of recomputing a_c b_c^T per block
     block_e = min(block_e, 16 if triton_interpreting() else 32)
-    block_c = 16 if triton_interpreting() else 64
+    block_c = block if block else 16 if triton_interpreting() else 64
     grid = (batch * heads, triton.cdiv(e, block_e))
     _chunked_kernel[grid](
         a, b, c, out, log2_gamma, n, m, heads, d, e, float(scale),
-        CAUSAL=causal, DECAY=decay is not None, DOT_PRECISION=precision,
+        CAUSAL=causal, DECAY=decay is not None, EXCLUSIVE=bool(block), DOT_PRECISION=precision,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_E=block_e,
         num_warps=4, num_stages=1 if triton_interpreting() else 2,
     )  # fmt: skip

@@ -2,8 +2,10 @@
 
 Every backend supplies one primitive, the (decayed, causal or not) product of the reference, and the
 forward and backward are built from it there: CPU -> chunked ATen matmuls, CUDA -> the Triton chunked
-kernel, anything else -> the materialized quadratic form. The backward is its own opaque op
-(`fxfuse::linear_attention_backward`) so make_fx / torch.compile / export trace it as one node.
+kernel, anything else -> the materialized quadratic form. `block=c > 0` (with causal) is the
+block-exclusive mask j // c < i // c: a position sees the keys of the earlier blocks only. The backward
+is its own opaque op (`fxfuse::linear_attention_backward`) so make_fx / torch.compile / export trace it
+as one node.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from fxfuse.fusion.linear_attention.reference import (
 
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, float scale, bool causal, float[]? decay, str normalize, float eps, "
-    "str backend) -> Tensor"
+    "str backend, int block=0) -> Tensor"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale, bool causal, float[]? decay, str normalize, "
-    "float eps, str backend) -> (Tensor, Tensor, Tensor)"
+    "float eps, str backend, int block=0) -> (Tensor, Tensor, Tensor)"
 )
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, decay: Sequence[float] | None, normalize: str) -> None:
+def check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, decay: Sequence[float] | None, normalize: str, block: int = 0
+) -> None:
     """Raise ValueError, with what to change, for inputs outside the op's contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("linear_attention expects q, k, v of rank 4: [B, H, N, D]; reshape heads out first")
@@ -52,12 +56,18 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, decay: Sequence[
             raise ValueError("a decay gamma^(i - j) is defined for causal linear attention only; pass causal=True")
         if len(decay) not in (1, hq) or any(not g >= 0.0 for g in decay):
             raise ValueError(f"decay must be 1 or {hq} (one per query head) gammas >= 0, got {list(decay)}")
+    if block < 0:
+        raise ValueError(f"block must be 0 (token-causal) or a block size > 0, got {block}")
+    if block > 0 and not causal:
+        raise ValueError("block > 0 (block-exclusive: keys of the earlier blocks only) needs causal=True")
+    if block > 0 and decay is not None:
+        raise ValueError("decay is not supported with block > 0 (block-exclusive); pass decay=None or block=0")
     if normalize not in NORMALIZERS:
         raise ValueError(f"normalize={normalize!r} is not one of {', '.join(NORMALIZERS)}")
 
 
 def linear_attention_backend(backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
-                             head_dim: int = 32, v_head_dim: int = 32) -> tuple[str, str]:  # fmt: skip
+                             head_dim: int = 32, v_head_dim: int = 32, block: int = 0) -> tuple[str, str]:  # fmt: skip
     """Which implementation will run, and why: ("triton" | "cpu" | "reference", reason)."""
     check_backend(backend)
     name = resolve(backend, device)
@@ -66,16 +76,16 @@ def linear_attention_backend(backend: str, device: torch.device | str, dtype: to
     if name == "triton":
         from fxfuse.backends.triton.linear_attention import triton_unsupported
 
-        why = triton_unsupported(dtype, head_dim, v_head_dim)
+        why = triton_unsupported(dtype, head_dim, v_head_dim, block)
         if why is not None:
             return "cpu", f"chunked ATen matmuls (triton: {why})"
         return "triton", "chunked Triton kernel"
     return "cpu", "chunked ATen matmuls"
 
 
-def _product(op: str, backend: str, q: Tensor, v: Tensor) -> Product:
+def _product(op: str, backend: str, q: Tensor, v: Tensor, block: int = 0) -> Product:
     """The product primitive of the backend that runs `op` (counted in `fxfuse.backends.CALLS`)."""
-    name = linear_attention_backend(backend, q.device, q.dtype, q.shape[3], v.shape[3])[0]
+    name = linear_attention_backend(backend, q.device, q.dtype, q.shape[3], v.shape[3], block)[0]
     if q.numel() == 0 or v.numel() == 0:
         name = "reference"
     count_call(op, name)
@@ -100,33 +110,34 @@ def _decay(decay: Sequence[float] | None) -> list[float] | None:
 @torch.library.custom_op("fxfuse::linear_attention", mutates_args=(), schema=SCHEMA)
 def linear_attention_op(
     q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, decay: Sequence[float] | None, normalize: str,
-    eps: float, backend: str,
+    eps: float, backend: str, block: int = 0,
 ) -> Tensor:  # fmt: skip
-    check_inputs(q, k, v, causal, decay, normalize)
-    product = _product("linear_attention", backend, q, v)
-    out = linear_attention_forward(product, q, k, v, scale, causal, _decay(decay), normalize, eps)
+    check_inputs(q, k, v, causal, decay, normalize, block)
+    product = _product("linear_attention", backend, q, v, block)
+    out = linear_attention_forward(product, q, k, v, scale, causal, _decay(decay), normalize, eps, block)
     return out.to(q.dtype).contiguous()
 
 
 @linear_attention_op.register_fake
-def _fake(q, k, v, scale, causal, decay, normalize, eps, backend):
-    check_inputs(q, k, v, causal, decay, normalize)
+def _fake(q, k, v, scale, causal, decay, normalize, eps, backend, block=0):
+    check_inputs(q, k, v, causal, decay, normalize, block)
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
 @torch.library.custom_op("fxfuse::linear_attention_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
 def linear_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, decay: Sequence[float] | None,
-    normalize: str, eps: float, backend: str,
+    normalize: str, eps: float, backend: str, block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv) in the inputs' dtypes."""
-    product = _product("linear_attention_backward", backend, q, v)
-    grads = linear_attention_backward(product, grad_out, q, k, v, scale, causal, _decay(decay), normalize, eps)
+    product = _product("linear_attention_backward", backend, q, v, block)
+    decay = _decay(decay)
+    grads = linear_attention_backward(product, grad_out, q, k, v, scale, causal, decay, normalize, eps, block)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
 @linear_attention_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, scale, causal, decay, normalize, eps, backend):
+def _backward_fake(grad_out, q, k, v, scale, causal, decay, normalize, eps, backend, block=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -139,7 +150,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out):
     q, k, v = ctx.saved_tensors
     dq, dk, dv = torch.ops.fxfuse.linear_attention_backward(grad_out, q, k, v, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * len(ctx.params))
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -4,6 +4,7 @@ Shapes: q [B, Hq, N, D] and k [B, Hkv, M, D] (feature maps already applied), v [
 out [B, Hq, N, E]. Query head h reads kv head h // (Hq // Hkv).
 
     w[i, j] = scale * (q_i . k_j) * mask[i, j]      mask = 1, or (j <= i) * gamma_h^(i - j) when causal
+                                                    or (j // c < i // c) when causal with block = c > 0
     out_i   = sum_j w[i, j] v_j  /  den_i            den = 1, sum_j w[i, j] + eps, or clamp(sum_j w[i, j], eps)
 
 Everything the fused op computes reduces to one primitive, `decayed_product(a, b, c)`: the weights above
@@ -20,8 +21,8 @@ import torch
 from torch import Tensor
 
 NORMALIZERS = ("none", "eps", "clamp")
-# decayed_product(a, b, c, scale, causal, decay, reverse) -> [B, H, N, E] in float32
-Product = Callable[[Tensor, Tensor, Tensor, float, bool, "Tensor | None", bool], Tensor]
+# decayed_product(a, b, c, scale, causal, decay, reverse, block) -> [B, H, N, E] in float32
+Product = Callable[[Tensor, Tensor, Tensor, float, bool, "Tensor | None", bool, int], Tensor]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,17 +61,28 @@ def causal_weights(n: int, gamma: Tensor | None, device: torch.device, dtype: to
     return torch.where(lower, powers, 0.0).to(dtype)
 
 
+def block_weights(n: int, block: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[1, N, N]: (j // block < i // block), block-exclusive: a position sees the keys of the blocks before
+    its own, none of its own block (the last block may be partial)."""
+    blocks = torch.arange(n, device=device) // block
+    return (blocks[None, :] < blocks[:, None]).to(dtype).unsqueeze(0)
+
+
 def quadratic_product(
-    a: Tensor, b: Tensor, c: Tensor, scale: float, causal: bool, decay: Tensor | None, reverse: bool = False
-) -> Tensor:
+    a: Tensor, b: Tensor, c: Tensor, scale: float, causal: bool, decay: Tensor | None, reverse: bool = False,
+    block: int = 0,
+) -> Tensor:  # fmt: skip
     """out_i = scale * sum_j mask[i, j] (a_i . b_j) c_j with the N x M weights materialized (float32).
 
     a [B, H, N, D], b [B, H, M, D], c [B, H, M, E] -> [B, H, N, E]. `reverse` flips the causal direction
-    (j >= i, gamma^(j - i)): the backward's products run that way."""
+    (j >= i, gamma^(j - i); with a block j // block > i // block): the backward's products run that way."""
     acc = compute_dtype(a.dtype)
     w = torch.matmul(a.to(acc), b.to(acc).transpose(-1, -2)) * scale
     if causal:
-        mask = causal_weights(a.shape[-2], decay, a.device, acc)
+        if block > 0:
+            mask = block_weights(a.shape[-2], block, a.device, acc)
+        else:
+            mask = causal_weights(a.shape[-2], decay, a.device, acc)
         w = w * (mask.transpose(-1, -2) if reverse else mask)
     return torch.matmul(w, c.to(acc))
 
@@ -85,7 +97,7 @@ def _denominator(rowsum: Tensor, normalize: str, eps: float) -> Tensor:
 
 def linear_attention_forward(
     product: Product, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-    decay: Sequence[float] | None, normalize: str, eps: float,
+    decay: Sequence[float] | None, normalize: str, eps: float, block: int = 0,
 ) -> Tensor:  # fmt: skip
     """The op's forward in the compute dtype, with the products of `product` (any backend's)."""
     acc = compute_dtype(q.dtype)
@@ -93,18 +105,18 @@ def linear_attention_forward(
     kf, vf = expand_kv(k, hq).to(acc), expand_kv(v, hq).to(acc)
     gamma = decay_tensor(decay, hq, q.device)
     if normalize == "none":
-        return product(q.to(acc), kf, vf, scale, causal, gamma, False)
+        return product(q.to(acc), kf, vf, scale, causal, gamma, False, block)
     if not causal and product is not quadratic_product:
         # non-causal row sums are q_i . sum_j k_j: one small product instead of a column appended to v
         rowsum = torch.matmul(q.to(acc), kf.sum(-2, keepdim=True).transpose(-1, -2)) * scale
         return product(q.to(acc), kf, vf, scale, False, None, False) / _denominator(rowsum, normalize, eps)
-    y = product(q.to(acc), kf, _with_ones(vf), scale, causal, gamma, False)
+    y = product(q.to(acc), kf, _with_ones(vf), scale, causal, gamma, False, block)
     return y[..., :-1] / _denominator(y[..., -1:], normalize, eps)
 
 
 def linear_attention_backward(
     product: Product, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-    decay: Sequence[float] | None, normalize: str, eps: float,
+    decay: Sequence[float] | None, normalize: str, eps: float, block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv) in the compute dtype from four products.
 
@@ -123,7 +135,7 @@ def linear_attention_backward(
         c, g = vf, do
     else:
         c = _with_ones(vf)
-        y = product(qf, kf, c, scale, causal, gamma, False)
+        y = product(qf, kf, c, scale, causal, gamma, False, block)
         rowsum = y[..., -1:]
         den = _denominator(rowsum, normalize, eps)
         out = y[..., :-1] / den
@@ -131,26 +143,26 @@ def linear_attention_backward(
         if normalize == "clamp":
             dden = dden * (rowsum >= eps)  # clamp passes the gradient where it did not cut
         g = torch.cat([do / den, dden], dim=-1)
-    dq = product(g, c, kf, scale, causal, gamma, False)
-    dk = product(c, g, qf, scale, causal, gamma, True)
-    dc = product(kf, qf, g, scale, causal, gamma, True)
+    dq = product(g, c, kf, scale, causal, gamma, False, block)
+    dk = product(c, g, qf, scale, causal, gamma, True, block)
+    dc = product(kf, qf, g, scale, causal, gamma, True, block)
     dv = dc if normalize == "none" else dc[..., :-1]
     return dq, reduce_kv(dk, hkv), reduce_kv(dv, hkv)
 
 
 def linear_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0, causal: bool = False,
-    decay: Sequence[float] | None = None, normalize: str = "none", eps: float = 0.0,
+    decay: Sequence[float] | None = None, normalize: str = "none", eps: float = 0.0, block: int = 0,
 ) -> Tensor:  # fmt: skip
     """Materialized linear attention in float32: q [B, Hq, N, D], k [B, Hkv, M, D], v [B, Hkv, M, E]
     -> [B, Hq, N, E] in q's dtype (see the module docstring for the formula)."""
-    out = linear_attention_forward(quadratic_product, q, k, v, scale, causal, decay, normalize, eps)
+    out = linear_attention_forward(quadratic_product, q, k, v, scale, causal, decay, normalize, eps, block)
     return out.to(q.dtype)
 
 
 def linear_attention_reference_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float = 1.0, causal: bool = False,
-    decay: Sequence[float] | None = None, normalize: str = "none", eps: float = 0.0,
+    decay: Sequence[float] | None = None, normalize: str = "none", eps: float = 0.0, block: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of `linear_attention_reference` (compute dtype) with materialized products."""
-    return linear_attention_backward(quadratic_product, grad_out, q, k, v, scale, causal, decay, normalize, eps)
+    return linear_attention_backward(quadratic_product, grad_out, q, k, v, scale, causal, decay, normalize, eps, block)
