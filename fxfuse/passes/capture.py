@@ -6,19 +6,29 @@ the ATen level *before* autograd (`aten.linear`, `aten.softmax.int`, `aten.max_p
 graph still trains when run eagerly, and every node carries its FakeTensor value. Re-running the dynamo
 graph through an Interpreter under `preserve_node_meta` keeps each node's `stack_trace` and
 `nn_module_stack`, which the report uses to point at the user's line.
+
+A loop over time that dynamo unrolled is most of the re-trace's work (L copies of one step, each op run
+again on FakeTensors). `Retrace` traces its first `REAL_STEPS` steps and copies the ATen nodes of the
+last of them for the others (see `_Replicas`), when the dynamo graph shows L isomorphic steps.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch._guards
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx import Node
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx, track_tensor_tree
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
+
+from fxfuse.passes.reroll import NotALoop, unrolled_steps
 
 
 def to_fake(values: Sequence[object], mode: FakeTensorMode) -> list[object]:
@@ -36,7 +46,7 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
 
         def fn(*args):
             with torch.fx.traceback.preserve_node_meta():
-                return torch.fx.Interpreter(gm).run(*args)
+                return Retrace(gm).run(*args)
 
     # A shape env only for data-dependent values: `.item()` captured by dynamo (packed sequences sliced by
     # cu_seqlens) becomes an unbacked symbol; the inputs' shapes stay static.
@@ -48,6 +58,228 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
             out = make_fx(fn, pre_dispatch=True)(*fake_inputs)
     out.meta["fake_mode"] = mode
     return out
+
+
+# Loops of at least MIN_STEPS steps are replicated; steps 0 .. REAL_STEPS - 1 are traced, the last three of
+# them must give the same recipe (ATen nodes, their arguments; integers may move by one stride per step).
+MIN_STEPS = 8
+REAL_STEPS = 5
+TORCH_STACKS = (torch.stack, torch.cat, torch.concat, torch.concatenate)
+
+
+class _NoReplica(Exception):
+    """The traced steps do not show one recipe: the loop is traced step by step."""
+
+
+@dataclass
+class _Unrolled:
+    """One unrolled loop of the dynamo graph: `bodies[i]` are step i's nodes (i >= 1), isomorphic."""
+
+    bodies: list[list[Node]]
+    positions: list[dict[Node, int]]
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Whether two dynamo example values are tensors of one shape, stride, dtype, device, grad flag."""
+    return (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+        and a.requires_grad == b.requires_grad and not a.is_sparse and a.layout == torch.strided
+    )  # fmt: skip
+
+
+def unrolled_loops(gm: torch.fx.GraphModule) -> dict[Node, tuple[_Unrolled, int, int]]:
+    """Nodes of the dynamo graph that `Retrace` may copy instead of tracing: node -> (loop, step, position),
+    for steps >= REAL_STEPS of every loop of >= MIN_STEPS isomorphic steps (see `reroll.unrolled_steps`)
+    whose nodes all compute one tensor, of the same metadata at every step, by a call (no in-place write:
+    `operator.setitem` computes no tensor), and whose time indices keep one sign over the copied steps."""
+    plan: dict[Node, tuple[_Unrolled, int, int]] = {}
+    for anchor in gm.graph.nodes:
+        if anchor.op != "call_function" or anchor.target not in TORCH_STACKS:
+            continue
+        try:
+            _outputs, bodies, slots = unrolled_steps(anchor, TORCH_STACKS)
+        except NotALoop:
+            continue
+        if len(bodies) < max(MIN_STEPS, REAL_STEPS + 1) or any(n in plan for n in bodies[1]):
+            continue
+        template = bodies[REAL_STEPS - 1]
+        if any(n.op not in ("call_function", "call_method") for n in template):
+            continue
+        if any(n.op == "call_method" and n.target.endswith("_") for n in template):
+            continue  # an in-place method (h.mul_()): traced as written
+        metas = [n.meta.get("example_value") for n in template]
+        if not all(
+            _same_value(n.meta.get("example_value"), m) for body in bodies[1:] for n, m in zip(body, metas)
+        ):
+            continue
+        times = [s.value for s in slots.values() if s.kind == "time"]
+        last = len(bodies) - 1  # value at step i: at_one + (i - 1) * stride
+        if any((at_one + (REAL_STEPS - 3) * stride < 0) != (at_one + (last - 1) * stride < 0)
+               for stride, at_one in times):  # fmt: skip
+            continue  # an index that changes sign (x[:, t - 5]) may be normalized differently below 0
+        loop = _Unrolled(bodies, [{n: j for j, n in enumerate(b)} for b in bodies])
+        for step in range(REAL_STEPS, len(bodies)):
+            for j, n in enumerate(bodies[step]):
+                plan[n] = (loop, step, j)
+    return plan
+
+
+class _Pending:
+    """The value of a copied node that only other copied nodes read (never handed to an op)."""
+
+
+class Retrace(torch.fx.Interpreter):
+    """Runs a dynamo graph under `make_fx`, copying the ATen nodes of the steps `unrolled_loops` finds.
+
+    A copied step's ATen nodes are those its template (step REAL_STEPS - 1) traced to, in the same order,
+    with: a node the template traced -> its copy; the ATen value of an input of the template's torch node ->
+    that of the same input at this step (same position in this step, or in the previous one: the carried
+    state); a loop invariant -> itself; an integer that moved by one stride over the last three traced
+    steps (a time index) -> continued. Each copy keeps its template's metadata (`val` included: the same
+    shapes, checked at the torch level); a value read by a traced node gets a FakeTensor of its own."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.plan = unrolled_loops(gm)
+        window = {REAL_STEPS - 3, REAL_STEPS - 2, REAL_STEPS - 1}
+        self.window = {n for loop, _s, _j in self.plan.values() for k in window for n in loop.bodies[k]}
+        self.created: dict[Node, list[Node]] = {}  # window node -> the ATen nodes its trace created
+        self.aten: dict[Node, Node] = {}  # torch node -> the ATen node of its value
+        self.recipes: dict[tuple[int, int], object] = {}  # (id(loop), position) -> recipe, or None
+        self.fallback: set[int] = set()  # id(loop) of loops traced in full after all
+        self.users_outside = {n for n in self.plan if any(u not in self.plan for u in n.users)}
+
+    def run_node(self, n: Node) -> object:
+        tracer = get_proxy_mode().tracer
+        entry = self.plan.get(n)
+        if entry is not None and id(entry[0]) not in self.fallback:
+            try:
+                return self._replicate(n, *entry, tracer)
+            except _NoReplica:
+                loop = entry[0]
+                self.fallback.add(id(loop))
+                # the steps before this one were copied (or none were); later ones are traced, reading
+                # the copies through FakeTensors of their own
+                for step in range(REAL_STEPS, entry[1] + 1):
+                    for m in loop.bodies[step]:
+                        if m in self.aten and not isinstance(self.env.get(m), torch.Tensor) and m in self.env:
+                            self.env[m] = self._materialize(m, tracer)
+        graph = tracer.graph
+        last = next(iter(reversed(graph.nodes)))
+        value = super().run_node(n)
+        if n in self.window:
+            created, node = [], last.next
+            while node.op != "root":
+                created.append(node)
+                node = node.next
+            self.created[n] = created
+        if isinstance(value, torch.Tensor):
+            slot = get_proxy_slot(value, tracer, None)
+            if slot is not None:
+                self.aten[n] = slot.proxy.node
+        return value
+
+    def _token(self, loop: _Unrolled, step: int, t: Node, a: object, created: dict[Node, int]) -> tuple:
+        """What ATen argument `a` of step `step`'s torch node `t` is, independent of the step."""
+        if not isinstance(a, Node):
+            return ("const", a)
+        if a in created:
+            return ("internal", created[a])
+        kinds = set()
+        for x in t.all_input_nodes:
+            if self.aten.get(x) is not a:
+                continue
+            if x in loop.positions[step]:
+                kinds.add(("body", loop.positions[step][x]))
+            elif x in loop.positions[step - 1]:
+                kinds.add(("carry", loop.positions[step - 1][x]))
+            else:
+                kinds.add(("inv", a))
+        if len(kinds) > 1:
+            raise _NoReplica(f"{a.name} stands for two inputs of {t.name}")
+        return kinds.pop() if kinds else ("inv", a)
+
+    def _steps_recipe(self, loop: _Unrolled, step: int, position: int) -> tuple:
+        t = loop.bodies[step][position]
+        if t not in self.created or t not in self.aten:
+            raise _NoReplica(f"{t.name} was not traced to one ATen value")
+        created = {a: i for i, a in enumerate(self.created[t])}
+        nodes = []
+        for a in self.created[t]:
+            if a.op not in ("call_function", "get_attr"):
+                raise _NoReplica(f"{t.name} traced to a {a.op} node")
+            schema = getattr(a.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                raise _NoReplica(f"{t.name} traced to the in-place {a.target}")
+            leaves, spec = pytree.tree_flatten((a.args, a.kwargs))
+            nodes.append((a.op, a.target, spec, [self._token(loop, step, t, v, created) for v in leaves], a))
+        return nodes, self._token(loop, step, t, self.aten[t], created)
+
+    def _recipe(self, loop: _Unrolled, position: int) -> tuple:
+        """The template's recipe, with integers that move by one stride per step marked ("time", v, stride)."""
+        key = (id(loop), position)
+        if key not in self.recipes:
+            self.recipes[key] = None
+            r0, r1, r2 = (self._steps_recipe(loop, REAL_STEPS - k, position) for k in (3, 2, 1))
+            if len(r0[0]) != len(r2[0]) or len(r1[0]) != len(r2[0]) or not r0[1] == r1[1] == r2[1]:
+                raise _NoReplica("the traced steps differ")
+            nodes = []
+            for n0, n1, n2 in zip(*(r[0] for r in (r0, r1, r2))):
+                if n0[:3] != n2[:3] or n1[:3] != n2[:3] or not len(n0[3]) == len(n1[3]) == len(n2[3]):
+                    raise _NoReplica("the traced steps differ")
+                leaves = [self._leaf(*ts) for ts in zip(n0[3], n1[3], n2[3])]
+                nodes.append((n2[0], n2[1], n2[2], leaves, n2[4]))
+            self.recipes[key] = (nodes, r2[1])
+        if self.recipes[key] is None:
+            raise _NoReplica("no recipe")
+        return self.recipes[key]
+
+    @staticmethod
+    def _leaf(t0: tuple, t1: tuple, t2: tuple) -> tuple:
+        if t0 == t1 == t2 and (t0[0] != "const" or type(t0[1]) is type(t1[1]) is type(t2[1])):
+            return t2
+        ints = t0[0] == t1[0] == t2[0] == "const" and all(type(t[1]) is int for t in (t0, t1, t2))
+        if ints and t2[1] - t1[1] == t1[1] - t0[1] != 0:
+            return ("time", t2[1], t2[1] - t1[1])
+        raise _NoReplica(f"an argument differs between traced steps ({t0}, {t1}, {t2})")
+
+    def _replicate(self, n: Node, loop: _Unrolled, step: int, position: int, tracer) -> object:
+        nodes, out = self._recipe(loop, position)
+        graph, copies = tracer.graph, []
+
+        def resolve(token: tuple) -> object:
+            kind = token[0]
+            if kind == "internal":
+                return copies[token[1]]
+            if kind == "body":
+                return self.aten[loop.bodies[step][token[1]]]
+            if kind == "carry":
+                return self.aten[loop.bodies[step - 1][token[1]]]
+            if kind == "time":
+                return token[1] + (step - (REAL_STEPS - 1)) * token[2]
+            return token[1]  # "inv", "const"
+
+        for op, target, spec, leaves, template in nodes:
+            args, kwargs = pytree.tree_unflatten([resolve(t) for t in leaves], spec)
+            copy = graph.create_node(op, target, tuple(args), dict(kwargs), name=re.sub(r"_\d+$", "", template.name))
+            copy.meta = dict(template.meta)
+            copies.append(copy)
+        self.aten[n] = resolve(out)
+        if n in self.users_outside:
+            return self._materialize(n, tracer)
+        return _Pending()
+
+    def _materialize(self, n: Node, tracer) -> torch.Tensor:
+        """A FakeTensor for copied node `n`'s value, tracked as its ATen node (a traced node reads it)."""
+        like = n.meta["example_value"]
+        node = self.aten[n]
+        mode = node.meta["val"].fake_mode
+        with _disable_current_modes(), mode:
+            fake = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+        fake.requires_grad_(like.requires_grad)
+        track_tensor_tree(fake, torch.fx.Proxy(node, tracer), constant=None, tracer=tracer)
+        return fake
 
 
 def capture_graphs(model: Callable, args: Sequence[object] = (), kwargs: dict | None = None) -> list:
