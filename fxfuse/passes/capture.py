@@ -88,6 +88,14 @@ def _same_value(a: object, b: object) -> bool:
     )  # fmt: skip
 
 
+def _writes(node: Node) -> bool:
+    """Whether a dynamo graph node may write a tensor in place (an `_`-suffixed method or function,
+    `operator.setitem`, `out=`)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return in_place or name in ("setitem", "__setitem__") or "out" in node.kwargs
+
+
 def unrolled_loops(gm: torch.fx.GraphModule) -> dict[Node, tuple[_Unrolled, int, int]]:
     """Nodes of the dynamo graph that `Retrace` may copy instead of tracing: node -> (loop, step, position),
     for steps >= REAL_STEPS of every loop of >= MIN_STEPS isomorphic steps (see `reroll.unrolled_steps`)
@@ -106,8 +114,8 @@ def unrolled_loops(gm: torch.fx.GraphModule) -> dict[Node, tuple[_Unrolled, int,
         template = bodies[REAL_STEPS - 1]
         if any(n.op not in ("call_function", "call_method") for n in template):
             continue
-        if any(n.op == "call_method" and n.target.endswith("_") for n in template):
-            continue  # an in-place method (h.mul_()): traced as written
+        if any(_writes(m) for n in template for m in (n, *n.users)):
+            continue  # an in-place op in a step or on a step's value (h.add_(x), ys[t] = h): traced as written
         metas = [n.meta.get("example_value") for n in template]
         if not all(
             _same_value(n.meta.get("example_value"), m) for body in bodies[1:] for n, m in zip(body, metas)
