@@ -123,9 +123,20 @@ def float64_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     env: dict = {}
     for node in gm.graph.nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
-        env[node].args = torch.fx.node.map_aggregate(env[node].args, wide)
-        env[node].kwargs = torch.fx.node.map_aggregate(env[node].kwargs, wide)
+        if _has_float_dtype((node.args, node.kwargs)):  # setting args again costs as much as the copy
+            env[node].args = torch.fx.node.map_aggregate(env[node].args, wide)
+            env[node].kwargs = torch.fx.node.map_aggregate(env[node].kwargs, wide)
     return torch.fx.GraphModule(gm, graph)
+
+
+def _has_float_dtype(value: object) -> bool:
+    if isinstance(value, torch.dtype):
+        return value.is_floating_point
+    if isinstance(value, (list, tuple)):
+        return any(_has_float_dtype(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_float_dtype(v) for v in value.values())
+    return False
 
 
 def _upcast(xs: Sequence[object]) -> list[object]:
