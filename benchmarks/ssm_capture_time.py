@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -51,11 +52,13 @@ def run_child(what: str, length: int, layers: int, threads: int, cap: float | No
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = CHILD.format(root=root, threads=threads, length=length, layers=layers, what=what)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=cap, cwd=root)
-    except subprocess.TimeoutExpired:
-        return {"seconds": time.perf_counter() - start, "timed_out": True}
+    except subprocess.TimeoutExpired:  # killed and reaped: its CPU time so far is in RUSAGE_CHILDREN
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu, "timed_out": True}
     if done.returncode != 0:
         raise RuntimeError(f"{what} at L={length} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -85,11 +88,14 @@ def main(argv: list[str] | None = None) -> None:
             row["compile"] = run_child("compile", length, args.layers, args.threads, args.compile_cap)
             comp = row["compile"]
             bound = ">=" if comp["timed_out"] else ""
-            print(f"L={length}: torch.compile first call {bound}{comp['seconds']:.1f} s"
-                  + (" (cap reached)" if comp["timed_out"] else ""), flush=True)  # fmt: skip
+            print(f"L={length}: torch.compile first call {bound}{comp['seconds']:.1f} s wall, "
+                  f"{bound}{comp['cpu_seconds']:.1f} s CPU" + (" (cap reached)" if comp["timed_out"] else ""),
+                  flush=True)  # fmt: skip
             if "optimize" in row:
-                ratio = row["optimize"]["seconds"] / comp["seconds"]
-                print(f"L={length}: optimize / compile {'<=' if comp['timed_out'] else '='} {ratio:.3f}", flush=True)
+                rel = "<=" if comp["timed_out"] else "="
+                wall = row["optimize"]["seconds"] / comp["seconds"]
+                cpu = row["optimize"]["cpu_seconds"] / comp["cpu_seconds"]
+                print(f"L={length}: optimize / compile {rel} {wall:.3f} (wall), {rel} {cpu:.3f} (CPU)", flush=True)
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
