@@ -61,8 +61,10 @@ MAKERS = {
 def test_copied_steps_give_the_step_by_step_graph(name: str, monkeypatch) -> None:
     model, inputs = MAKERS[name]()
     ((gm, example),) = _dynamo_graphs(model, inputs)
-    assert capture.unrolled_loops(gm), "the loop should be copied, not traced step by step"
+    plan = capture.unrolled_loops(gm)
+    assert plan, "the loop should be copied, not traced step by step"
     got = capture.aten_graph(gm, example)
+    assert got.meta[capture.COPIED] == len(plan)  # every planned node copied: no fallback on the way
     _assert_same_graph(got, _full_trace(gm, example, monkeypatch))
     for a, b in zip(_outputs(got, example), _outputs(model, inputs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -122,5 +124,6 @@ def test_a_recipe_that_fails_midway_falls_back_to_tracing(monkeypatch) -> None:
     monkeypatch.setattr(capture.Retrace, "_recipe", failing)
     got = capture.aten_graph(gm, example)
     monkeypatch.undo()
+    assert got.meta[capture.COPIED] == 2
     _assert_same_graph(got, _full_trace(gm, example, monkeypatch))
     torch.testing.assert_close(_outputs(got, example)[0], _outputs(model, inputs)[0], rtol=1e-5, atol=1e-6)

@@ -43,11 +43,29 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
     """
     if isinstance(fn, torch.fx.GraphModule):
         gm = fn
+        plan = _plan_or_none(gm)
 
-        def fn(*args):
-            with torch.fx.traceback.preserve_node_meta():
-                return Retrace(gm).run(*args)
+        def trace(plan: dict) -> torch.fx.GraphModule:
+            retrace = Retrace(gm, plan)
 
+            def fn(*args):
+                with torch.fx.traceback.preserve_node_meta():
+                    return retrace.run(*args)
+
+            out = _trace(fn, example_inputs)
+            out.meta[COPIED] = retrace.copied
+            return out
+
+        if plan:
+            try:
+                return trace(plan)
+            except Exception:  # copying is only a shortcut: whatever it trips on, trace step by step
+                pass
+        return trace({})
+    return _trace(fn, example_inputs)
+
+
+def _trace(fn: Callable, example_inputs: Sequence[object]) -> torch.fx.GraphModule:
     # A shape env only for data-dependent values: `.item()` captured by dynamo (packed sequences sliced by
     # cu_seqlens) becomes an unbacked symbol; the inputs' shapes stay static.
     mode = FakeTensorMode(allow_non_fake_inputs=False, shape_env=ShapeEnv())
@@ -60,10 +78,18 @@ def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[obj
     return out
 
 
+def _plan_or_none(gm: torch.fx.GraphModule) -> dict:
+    try:
+        return unrolled_loops(gm)
+    except Exception:  # an unusual graph (data-dependent sizes compared, tensor constants): no copies
+        return {}
+
+
 # Loops of at least MIN_STEPS steps are replicated; steps 0 .. REAL_STEPS - 1 are traced, the last three of
 # them must give the same recipe (ATen nodes, their arguments; integers may move by one stride per step).
 MIN_STEPS = 8
 REAL_STEPS = 5
+COPIED = "fxfuse_copied_nodes"  # gm.meta: how many dynamo nodes `aten_graph` copied rather than traced
 TORCH_STACKS = (torch.stack, torch.cat, torch.concat, torch.concatenate)
 
 
@@ -147,13 +173,17 @@ class Retrace(torch.fx.Interpreter):
     steps (a time index) -> continued. Each copy keeps its template's metadata (`val` included: the same
     shapes, checked at the torch level); a value read by a traced node gets a FakeTensor of its own."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, plan: dict[Node, tuple[_Unrolled, int, int]]) -> None:
         super().__init__(gm)
-        self.plan = unrolled_loops(gm)
+        self.plan = plan  # from `unrolled_loops(gm)`; {}: every node traced
+        self.copied = 0
         window = {REAL_STEPS - 3, REAL_STEPS - 2, REAL_STEPS - 1}
         self.window = {n for loop, _s, _j in self.plan.values() for k in window for n in loop.bodies[k]}
         self.created: dict[Node, list[Node]] = {}  # window node -> the ATen nodes its trace created
         self.aten: dict[Node, Node] = {}  # torch node -> the ATen node of its value
+        self.origin: dict[Node, Node] = {}  # ATen node -> the torch node it was the value of, last
+        self.aliased: dict[Node, list[Node]] = {}  # window node -> its inputs whose very tensor it returned
+        self.produced: dict[Node, Node] = {}  # window node -> the ATen node of its value when it ran
         self.recipes: dict[tuple[int, int], object] = {}  # (id(loop), position) -> recipe, or None
         self.fallback: set[int] = set()  # id(loop) of loops traced in full after all
         self.users_outside = {n for n in self.plan if any(u not in self.plan for u in n.users)}
@@ -186,6 +216,13 @@ class Retrace(torch.fx.Interpreter):
             slot = get_proxy_slot(value, tracer, None)
             if slot is not None:
                 self.aten[n] = slot.proxy.node
+                self.origin[slot.proxy.node] = n
+                # an op that returned its input (`state.to(same dtype)`) re-tracks that tensor as its own node
+                aliased = [x for x in n.all_input_nodes if self.env.get(x) is value]
+                for x in aliased:
+                    self.aten[x] = slot.proxy.node
+                if n in self.window:
+                    self.aliased[n], self.produced[n] = aliased, slot.proxy.node
         return value
 
     def _token(self, loop: _Unrolled, step: int, t: Node, a: object, created: dict[Node, int]) -> tuple:
@@ -195,8 +232,11 @@ class Retrace(torch.fx.Interpreter):
         if a in created:
             return ("internal", created[a])
         kinds = set()
-        for x in t.all_input_nodes:
-            if self.aten.get(x) is not a:
+        # the torch inputs whose value `a` is; else the torch node that computed `a` (an op that returns its
+        # input, `state.to(same dtype)`, leaves the tensor traced as its own ATen node, read at the next step)
+        sources = [x for x in t.all_input_nodes if self.aten.get(x) is a] or [self.origin.get(a)]
+        for x in sources:
+            if x is None:
                 continue
             if x in loop.positions[step]:
                 kinds.add(("body", loop.positions[step][x]))
@@ -210,7 +250,7 @@ class Retrace(torch.fx.Interpreter):
 
     def _steps_recipe(self, loop: _Unrolled, step: int, position: int) -> tuple:
         t = loop.bodies[step][position]
-        if t not in self.created or t not in self.aten:
+        if t not in self.created or t not in self.produced:
             raise _NoReplica(f"{t.name} was not traced to one ATen value")
         created = {a: i for i, a in enumerate(self.created[t])}
         nodes = []
@@ -222,7 +262,16 @@ class Retrace(torch.fx.Interpreter):
                 raise _NoReplica(f"{t.name} traced to the in-place {a.target}")
             leaves, spec = pytree.tree_flatten((a.args, a.kwargs))
             nodes.append((a.op, a.target, spec, [self._token(loop, step, t, v, created) for v in leaves], a))
-        return nodes, self._token(loop, step, t, self.aten[t], created)
+        aliased = tuple(self._where(loop, step, x) for x in self.aliased.get(t, ()))
+        return nodes, self._token(loop, step, t, self.produced[t], created), aliased
+
+    @staticmethod
+    def _where(loop: _Unrolled, step: int, x: Node) -> tuple:
+        if x in loop.positions[step]:
+            return ("body", loop.positions[step][x])
+        if x in loop.positions[step - 1]:
+            return ("carry", loop.positions[step - 1][x])
+        return ("inv", x)
 
     def _recipe(self, loop: _Unrolled, position: int) -> tuple:
         """The template's recipe, with integers that move by one stride per step marked ("time", v, stride)."""
@@ -230,7 +279,7 @@ class Retrace(torch.fx.Interpreter):
         if key not in self.recipes:
             self.recipes[key] = None
             r0, r1, r2 = (self._steps_recipe(loop, REAL_STEPS - k, position) for k in (3, 2, 1))
-            if len(r0[0]) != len(r2[0]) or len(r1[0]) != len(r2[0]) or not r0[1] == r1[1] == r2[1]:
+            if len(r0[0]) != len(r2[0]) or len(r1[0]) != len(r2[0]) or not r0[1:] == r1[1:] == r2[1:]:
                 raise _NoReplica("the traced steps differ")
             nodes = []
             for n0, n1, n2 in zip(*(r[0] for r in (r0, r1, r2))):
@@ -238,7 +287,7 @@ class Retrace(torch.fx.Interpreter):
                     raise _NoReplica("the traced steps differ")
                 leaves = [self._leaf(*ts) for ts in zip(n0[3], n1[3], n2[3])]
                 nodes.append((n2[0], n2[1], n2[2], leaves, n2[4]))
-            self.recipes[key] = (nodes, r2[1])
+            self.recipes[key] = (nodes, r2[1], r2[2])
         if self.recipes[key] is None:
             raise _NoReplica("no recipe")
         return self.recipes[key]
@@ -253,7 +302,7 @@ class Retrace(torch.fx.Interpreter):
         raise _NoReplica(f"an argument differs between traced steps ({t0}, {t1}, {t2})")
 
     def _replicate(self, n: Node, loop: _Unrolled, step: int, position: int, tracer) -> object:
-        nodes, out = self._recipe(loop, position)
+        nodes, out, aliased = self._recipe(loop, position)
         graph, copies = tracer.graph, []
 
         def resolve(token: tuple) -> object:
@@ -274,6 +323,13 @@ class Retrace(torch.fx.Interpreter):
             copy.meta = dict(template.meta)
             copies.append(copy)
         self.aten[n] = resolve(out)
+        self.origin[self.aten[n]] = n
+        for kind, x in aliased:  # as tracing does: the input tensor it returned is now this node
+            x = loop.bodies[step][x] if kind == "body" else loop.bodies[step - 1][x] if kind == "carry" else x
+            self.aten[x] = self.aten[n]
+            if isinstance(self.env.get(x), torch.Tensor):  # its FakeTensor, handed out already, follows
+                track_tensor_tree(self.env[x], torch.fx.Proxy(self.aten[n], tracer), constant=None, tracer=tracer)
+        self.copied += 1
         if n in self.users_outside:
             return self._materialize(n, tracer)
         return _Pending()
