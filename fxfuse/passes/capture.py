@@ -189,6 +189,8 @@ class Retrace(torch.fx.Interpreter):
         self.users_outside = {n for n in self.plan if any(u not in self.plan for u in n.users)}
 
     def run_node(self, n: Node) -> object:
+        if not self.plan:  # no loop to copy: a plain re-trace
+            return super().run_node(n)
         tracer = get_proxy_mode().tracer
         entry = self.plan.get(n)
         if entry is not None and id(entry[0]) not in self.fallback:
