@@ -200,9 +200,10 @@ def chained(outputs: list[Node]) -> bool:
     return len(bodies[1]) >= 3 and any(a in one for n in bodies[2] for a in n.all_input_nodes)
 
 
-def per_step_outputs(anchor: Node) -> tuple[list[Node], int] | None:
-    """(per-step outputs, dim) when `anchor` stacks or concatenates >= 3 tensors, else None."""
-    if anchor.op != "call_function" or anchor.target not in STACKS or not anchor.args:
+def per_step_outputs(anchor: Node, stacks: tuple = STACKS) -> tuple[list[Node], int] | None:
+    """(per-step outputs, dim) when `anchor` stacks or concatenates >= 3 tensors, else None. `stacks`: the
+    targets that count (ATen's by default; capture passes `torch.stack`, `torch.cat` for a dynamo graph)."""
+    if anchor.op != "call_function" or anchor.target not in stacks or not anchor.args:
         return None
     tensors = anchor.args[0]
     if not isinstance(tensors, (list, tuple)) or len(tensors) < 3 or not all(isinstance(t, Node) for t in tensors):
@@ -213,9 +214,11 @@ def per_step_outputs(anchor: Node) -> tuple[list[Node], int] | None:
     return list(tensors), dim
 
 
-def find_loop(anchor: Node) -> Loop:
-    """The unrolled loop whose per-step outputs `anchor` stacks; NotALoop (with the reason) otherwise."""
-    parsed = per_step_outputs(anchor)
+def unrolled_steps(anchor: Node, stacks: tuple = STACKS) -> tuple[list[Node], list[list[Node]], dict]:
+    """(per-step outputs, bodies, slots) of the isomorphic steps whose outputs `anchor` stacks, every step
+    checked against step 1; NotALoop (with the reason) otherwise. `bodies[0]` is empty (step 0 is not told
+    apart from what precedes the loop); nothing is required of the state carried from step to step."""
+    parsed = per_step_outputs(anchor, stacks)
     if parsed is None:
         raise NotALoop("not a stack of >= 3 per-step outputs")
     outputs, _ = parsed
@@ -225,6 +228,12 @@ def find_loop(anchor: Node) -> Loop:
     slots = _template(bodies)
     for step in range(3, len(outputs)):
         _check_step(slots, bodies[step], bodies[step - 1], bodies[1], step)
+    return outputs, bodies, slots
+
+
+def find_loop(anchor: Node) -> Loop:
+    """The unrolled loop whose per-step outputs `anchor` stacks; NotALoop (with the reason) otherwise."""
+    outputs, bodies, slots = unrolled_steps(anchor)
     carried = sorted({s.value for s in slots.values() if s.kind == "carry"})
     if not carried:
         raise NotALoop("the steps carry no state from one to the next (a parallel map, not a recurrence)")

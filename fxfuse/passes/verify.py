@@ -130,8 +130,9 @@ def float64_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     env: dict = {}
     for node in gm.graph.nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
-        env[node].args = torch.fx.node.map_aggregate(env[node].args, wide)
-        env[node].kwargs = torch.fx.node.map_aggregate(env[node].kwargs, wide)
+        if _has_float_dtype((node.args, node.kwargs)):  # setting args again costs as much as the copy
+            env[node].args = torch.fx.node.map_aggregate(env[node].args, wide)
+            env[node].kwargs = torch.fx.node.map_aggregate(env[node].kwargs, wide)
     return torch.fx.GraphModule(gm, graph)
 
 
@@ -140,6 +141,16 @@ def widen(x: object) -> object:
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.double()
     return x.to(torch.complex128) if isinstance(x, torch.Tensor) and x.is_complex() else x
+
+
+def _has_float_dtype(value: object) -> bool:
+    if isinstance(value, torch.dtype):
+        return value.is_floating_point or value.is_complex
+    if isinstance(value, (list, tuple)):
+        return any(_has_float_dtype(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_float_dtype(v) for v in value.values())
+    return False
 
 
 def _upcast(xs: Sequence[object]) -> list[object]:
@@ -359,8 +370,9 @@ def _is_dropout(target: object) -> bool:
 def without_dropout(*modules: torch.fx.GraphModule):
     """Dropout made the identity (and fused ops' `dropout_p` 0) while comparing: a rewrite is checked on
     what it computes, not on which random numbers it draws. Restored on exit."""
-    saved = []
+    saved, changed = [], []
     for gm in modules:
+        before = len(saved)
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -370,11 +382,13 @@ def without_dropout(*modules: torch.fx.GraphModule):
             elif str(node.target) == "fxfuse.attention.default" and len(node.args) > 12 and node.args[12]:
                 saved.append((node, node.target, node.args))
                 node.args = (*node.args[:12], 0.0, *node.args[13:])
-        gm.recompile()
+        if len(saved) > before:  # only then: the code of an unrolled loop's region takes ~0.1 s to regenerate
+            changed.append(gm)
+            gm.recompile()
     try:
         yield
     finally:
         for node, target, args in saved:
             node.target, node.args = target, args
-        for gm in modules:
+        for gm in changed:
             gm.recompile()
