@@ -81,6 +81,23 @@ def test_cpu_exp_is_accurate_over_the_whole_float_range():
     assert ((h.view(-1).double() - want) / want)[normal].abs().max() < 3e-7
 
 
+def test_cpu_exp_16_lanes_like_the_reference():
+    # a state of 16 puts one step's 16 decays through the 16-lane exponential (8 lanes for the tail above)
+    special = torch.tensor([0.0, 1.0, 88.0, 88.7, 89.0, -87.5, -95.0, -110.0, float("nan"), float("inf"),
+                            -float("inf"), -103.0, 1e-30, -1e-30, 50.0, -50.0])  # fmt: skip
+    r = torch.cat([special, torch.linspace(-103.0, 88.7, 16 * 3000)]).view(-1, 16)
+    d = r.shape[0]
+    _, h = selective_scan(torch.ones(1, d, 1), r, torch.zeros(1, d, 1), torch.zeros(1, 1, 16),
+                          torch.ones(1, 1, 16), torch.ones(1, d, 16), backend="cpu")  # fmt: skip
+    want, want32 = torch.exp(r.double()).view(-1), torch.exp(r).view(-1)  # float32 overflows to inf at 88.73
+    got = h.view(-1).double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want32))
+    normal = (want > torch.finfo(torch.float32).tiny) & torch.isfinite(want32)
+    assert ((got - want) / want)[normal].abs().max() < 3e-7
+    tiny = want <= torch.finfo(torch.float32).tiny  # subnormal and underflow, within a denormal ulp
+    assert ((got - want)[tiny].abs() <= 2.0**-149 + 3e-7 * want[tiny]).all()
+
+
 def test_opcheck_fake_impl_and_autograd_registration():
     args = [a.float() for a in _inputs(2, 3, 7, 4, h0=False)[:5]]
     torch.library.opcheck(torch.ops.fxfuse.selective_scan.default, (*args, None, "cpu"))

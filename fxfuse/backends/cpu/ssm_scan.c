@@ -16,37 +16,50 @@
 
 typedef float vf8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
 
-static inline vf8 select8(vi8 mask, vf8 yes, vf8 no) { return (vf8)((mask & (vi8)yes) | (~mask & (vi8)no)); }
+/* exp of 8 (vf8) or 16 (vf16: one AVX-512 register where the CPU has them, two AVX2 ones elsewhere) floats:
+   Cephes-style range reduction and a degree-6 polynomial (~1 ulp), with expf's NaN, overflow (inf),
+   subnormal and underflow (0) behaviour. Written with GCC vector extensions: auto-vectorization gives up on
+   the selects of a scalar version. */
+#define DEFINE_EXP(NAME, VF, VI, SELECT)                                                                    \
+    static inline VF SELECT(VI mask, VF yes, VF no) { return (VF)((mask & (VI)yes) | (~mask & (VI)no)); } \
+    static inline VF NAME(VF v) {                                                                        \
+        const VF lo = (VF){0} - 103.972084045410f, hi = (VF){0} + 88.72283935546875f;                    \
+        const VF xc = SELECT(v < lo, lo, SELECT(v > hi, hi, v));                                         \
+        const VF z = xc * 1.44269504088896341f + 0.5f;                                                   \
+        VF n = __builtin_convertvector(__builtin_convertvector(z, VI), VF);                              \
+        n = SELECT(n > z, n - 1.0f, n); /* floor */                                                      \
+        const VF r = xc - n * 0.693359375f + n * 2.12194440e-4f;                                         \
+        VF p = (VF){0} + 1.9875691500e-4f;                                                               \
+        p = p * r + 1.3981999507e-3f;                                                                    \
+        p = p * r + 8.3334519073e-3f;                                                                    \
+        p = p * r + 4.1665795894e-2f;                                                                    \
+        p = p * r + 1.6666665459e-1f;                                                                    \
+        p = p * r + 5.0000001201e-1f;                                                                    \
+        p = p * r * r + r + 1.0f;                                                                        \
+        /* 2^n as two factors, so that both stay normal floats over the whole range n in [-150, 128] */  \
+        const VI ni = __builtin_convertvector(n, VI), half = ni >> 1;                                    \
+        VF out = p * (VF)((half + 127) << 23) * (VF)((ni - half + 127) << 23);                           \
+        out = SELECT(v > 88.72283935546875f, (VF){0} + __builtin_inff(), out);                           \
+        out = SELECT(v < -103.972084045410f, (VF){0}, out);                                              \
+        return SELECT(v != v, v, out);                                                                   \
+    }
+DEFINE_EXP(exp8, vf8, vi8, select8)
+DEFINE_EXP(exp16, vf16, vi16, select16)
 
-/* exp of 8 floats: Cephes-style range reduction and a degree-6 polynomial (~1 ulp), with expf's NaN,
-   overflow (inf), subnormal and underflow (0) behaviour. Written
-   with GCC vector extensions: auto-vectorization gives up on the selects of a scalar version. */
-static inline vf8 exp8(vf8 v) {
-    const vf8 lo = (vf8){0} - 103.972084045410f, hi = (vf8){0} + 88.72283935546875f;
-    const vf8 xc = select8(v < lo, lo, select8(v > hi, hi, v));
-    const vf8 z = xc * 1.44269504088896341f + 0.5f;
-    vf8 n = __builtin_convertvector(__builtin_convertvector(z, vi8), vf8);
-    n = select8(n > z, n - 1.0f, n); /* floor */
-    const vf8 r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    vf8 p = (vf8){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    /* 2^n as two factors, so that both stay normal floats over the whole range n in [-150, 128] */
-    const vi8 ni = __builtin_convertvector(n, vi8), half = ni >> 1;
-    vf8 out = p * (vf8)((half + 127) << 23) * (vf8)((ni - half + 127) << 23);
-    out = select8(v > 88.72283935546875f, (vf8){0} + __builtin_inff(), out);
-    out = select8(v < -103.972084045410f, (vf8){0}, out);
-    return select8(v != v, v, out);
-}
-
-/* buf[k] = exp(buf[k]) for k < count, in place; buf holds a multiple of 8 floats. */
+/* buf[k] = exp(buf[k]) for k < count, in place; buf holds a multiple of 8 floats. 16 at a time (measured on
+   an AVX-512 machine at [2, 512, 1024, 16], one thread: the op 34 -> 24 ms, the exponentials 20 -> 10 ms). */
 static inline void exp_inplace(float *buf, int64_t count) {
-    for (int64_t k = 0; k < count; k += 8) {
+    int64_t k = 0;
+    for (; k + 16 <= count; k += 16) {
+        vf16 v;
+        memcpy(&v, buf + k, sizeof v);
+        v = exp16(v);
+        memcpy(buf + k, &v, sizeof v);
+    }
+    for (; k < count; k += 8) {
         vf8 v;
         memcpy(&v, buf + k, sizeof v);
         v = exp8(v);
