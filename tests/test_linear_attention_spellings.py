@@ -392,3 +392,51 @@ BUCKET_NEAR_MISSES = {
 def test_bucketed_near_miss_left_alone(name):
     core, reason = BUCKET_NEAR_MISSES[name]
     left_alone(Fn(core), tuple(torch.rand(2, 2, 12, 8) for _ in range(3)), reason)
+
+
+class _ChunkLoopBufferMask(torch.nn.Module):
+    """A chunk loop whose intra-chunk causal mask is a module buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("tril", torch.tril(torch.ones(4, 4)))
+
+    def forward(self, q, k, v):
+        state, outs = None, []
+        for qi, ki, vi in zip(q.split(4, 2), k.split(4, 2), v.split(4, 2), strict=True):
+            out = torch.einsum("bhnm,bhme->bhne", torch.einsum("bhnd,bhmd->bhnm", qi, ki) * self.tril, vi)
+            outs.append(out if state is None else out + torch.einsum("bhnd,bhde->bhne", qi, state))
+            kv = torch.einsum("bhmd,bhme->bhde", ki, vi)
+            state = kv if state is None else state + kv
+        return torch.cat(outs, dim=2)
+
+
+class _BucketBufferMask(torch.nn.Module):
+    """Bucketed running sums plus the intra-bucket causal part, its mask a module buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("tril", torch.tril(torch.ones(4, 4)))
+
+    def forward(self, q, k, v):
+        b, h, n, _ = q.shape
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        qb, kb, vb, kv = bucket_states(q, k, v, 4)
+        out = torch.einsum("bhgcd,bhgde->bhgce", qb, kv) + (qb @ kb.transpose(-1, -2) * self.tril) @ vb
+        return out.reshape(b, h, n, -1)
+
+
+@pytest.mark.parametrize("make", [_ChunkLoopBufferMask, _BucketBufferMask], ids=["chunk_loop", "buckets"])
+def test_buffer_mask_folded_by_other_rules_is_guarded_too(make):
+    # chunk loops and bucketed sums fold a buffer's tril mask as well: a write to it must not go unseen
+    torch.manual_seed(0)
+    model = make().eval()
+    args = tuple(torch.rand(2, 2, 16, 8) for _ in range(3))
+    opt = fxfuse.optimize(model, args, patterns=["linear_attention"])
+    assert fxfuse.report(opt).count("linear_attention") == 1, str(fxfuse.report(opt))
+    with torch.no_grad():
+        opt(*args)
+        model.tril.fill_(1.0)
+        with pytest.warns(UserWarning, match="buffer that a rewrite relies on changed"):
+            got = opt(*args)
+        assert torch.equal(got, model(*args))

@@ -80,7 +80,11 @@ def _state(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 def guard_buffers(run: Callable, fallback: Callable, aten_gm: object, example_inputs: Sequence[object],
                   note: Callable[[str], None]) -> Callable:  # fmt: skip
     """`run`, behind a check that the buffers its rewrites rely on still hold the values they were proven
-    with; calls where one does not run `fallback` (the graph as captured). `note` is told once."""
+    with; calls where one does not run `fallback` (the graph as captured). `note` is told once.
+
+    The check is by identity, version counter and storage (values are compared only after one of them
+    changed): writes that bypass the buffer's version counter, through `buf.data` or a NumPy / DLPack view,
+    are not seen; the README says to optimize again after those."""
     baked = sorted(set(getattr(aten_gm, "meta", {}).get(BAKED_KEY, ())))
     if not baked:
         return run

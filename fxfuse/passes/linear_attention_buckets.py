@@ -420,4 +420,7 @@ def _site(
 
     gen = _input_gen(constants, normalize != "none")
     inputs = [b.q, b.k, b.v, *folded]
-    return Site(PATTERN, variant, node, node, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen)
+    # a tril mask read from a buffer is folded: the compiled graph guards that buffer per call
+    buffers = list(weights.buffers) if weights is not None else []
+    return Site(PATTERN, variant, node, node, inputs, emit, backend=name, tolerance=1e-4, input_gen=gen,
+                reads_buffers=buffers)

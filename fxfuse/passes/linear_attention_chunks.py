@@ -205,6 +205,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
     for i, c in enumerate(chunks):
         for node, value in c.weights.constants.items():
             w.constants.setdefault(node, value)
+        # masks read from buffers: folded here, so the compiled graph guards them per call
+        w.buffers.extend(b for b in c.weights.buffers if b not in w.buffers)
         factor_nodes = [f[0] for f in c.factors.values()] + [f[0] for f in updates[i].values()]
         factor_nodes += [f[0] for f in updates[-1].values()] if final is not None and i + 1 == len(chunks) else []
         # a zero state made from q (q.new_zeros) stays in the region: as an input it would look differentiated
