@@ -49,9 +49,8 @@ def _compile(compiler: str, source: Path, target: Path) -> str | None:
     return f"the C kernel {source.name} did not compile ({run.stderr.strip()[:200]}); the reference runs instead"
 
 
-@functools.cache
-def load(source: Path) -> ctypes.CDLL | str:
-    """The library built from `source`, or a sentence saying why there is none."""
+def build(source: Path) -> ctypes.CDLL | str:
+    """The library built from `source` (or found in the cache), or a sentence saying why there is none."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return f"no C compiler found (set CC); {source.stem} runs its reference on CPU"
@@ -68,3 +67,6 @@ def load(source: Path) -> ctypes.CDLL | str:
         return ctypes.CDLL(str(target))
     except OSError as exc:
         return f"the C kernel {source.name} did not load ({exc}); the reference runs instead"
+
+
+load = functools.cache(build)  # one build and load per source and process

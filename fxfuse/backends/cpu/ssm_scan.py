@@ -13,72 +13,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fxfuse.backends.cpu.cbuild import build
+
 _SOURCE = Path(__file__).with_name("ssm_scan.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _F32 = ctypes.POINTER(ctypes.c_float)
 _I64, _INT = ctypes.c_int64, ctypes.c_int
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "fxfuse"
-
-
-def _cpu_key() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
-
-
-def _compile(compiler: str, target: Path) -> str | None:
-    """Build the library at `target`; None, or why it could not be built."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        # without an OpenMP runtime (Apple clang): one thread, the `omp simd` vectorization hints kept
-        for flags in (_FLAGS, [f if f != "-fopenmp" else "-fopenmp-simd" for f in _FLAGS]):
-            try:
-                run = subprocess.run([compiler, *flags, "-o", str(built), str(_SOURCE), "-lm"],
-                                     capture_output=True, text=True, timeout=120)  # fmt: skip
-            except (OSError, subprocess.SubprocessError) as exc:
-                return f"the C compiler {compiler} did not run ({exc}); the reference runs instead"
-            if run.returncode == 0:
-                os.replace(built, target)  # atomic: concurrent processes see a whole library or none
-                return None
-    return f"the C kernel did not compile ({run.stderr.strip()[:200]}); the reference runs instead"
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    """The loaded kernel library, or a sentence saying why there is none."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return "no C compiler found (set CC); the selective scan runs its reference on CPU"
-    if not _SOURCE.exists():
-        return f"the kernel source {_SOURCE.name} is not installed; the reference runs instead"
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"ssm_scan-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        problem = _compile(compiler, target)
-        if problem is not None:
-            return problem
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        return f"the C kernel did not load ({exc}); the reference runs instead"
+    """The loaded kernel library (built by `cbuild`), or a sentence saying why there is none."""
+    lib = build(_SOURCE)
+    if isinstance(lib, str):
+        return lib
     lib.fx_selective_scan_fwd.argtypes = [_F32] * 11 + [_I64] * 4 + [_INT]
     lib.fx_selective_scan_bwd.argtypes = [_F32] * 21 + [_I64] * 4 + [_INT]
     lib.fx_selective_scan_fwd.restype = lib.fx_selective_scan_bwd.restype = None
