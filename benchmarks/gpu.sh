@@ -38,7 +38,7 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run one section under a hard t
 if "$PY" -c "import pytest" 2>/dev/null; then
   section "kernel tests" 90 env FXFUSE_TEST_DEVICE=cuda "$PY" -m pytest -q \
     tests/test_attention_op.py tests/test_spp_op.py tests/test_linear_attention_op.py \
-    tests/test_ssm_scan_op.py
+    tests/test_ssm_scan_op.py "tests/test_ssm_complex.py::test_complex_scan_triton_matches_float64_loop"
 else
   echo "gpu.sh: pytest is not installed here; kernel tests skipped" >&2
   status=1
