@@ -102,7 +102,7 @@ def _rewrite_graph(
                       "compile with dynamic=False to have them optimized")
         return gm.forward
     try:
-        aten = aten_graph(gm, example_inputs)
+        aten = aten_graph(gm, example_inputs, copy_loops=options.verify)
     except Exception as exc:
         _warn(report, f"graph {graph_id}: could not re-trace to ATen ({type(exc).__name__}: {exc}); "
                       "it runs as dynamo captured it, unoptimized")

@@ -127,3 +127,25 @@ def test_a_recipe_that_fails_midway_falls_back_to_tracing(monkeypatch) -> None:
     assert got.meta[capture.COPIED] == 2
     _assert_same_graph(got, _full_trace(gm, example, monkeypatch))
     torch.testing.assert_close(_outputs(got, example)[0], _outputs(model, inputs)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_optimize_without_verification_traces_loops_in_full(monkeypatch):
+    # with verify=False no whole-graph check compares the result with dynamo's graph: no copying shortcut
+    seen = []
+    real = capture.aten_graph
+
+    def spy(fn, inputs, copy_loops=True):
+        gm = real(fn, inputs, copy_loops)
+        seen.append((copy_loops, gm.meta.get(capture.COPIED, 0)))
+        return gm
+
+    monkeypatch.setattr("fxfuse.dynamo_backend.aten_graph", spy)
+    import fxfuse
+
+    model, inputs = ssm.make_mamba_block(LENGTH)
+    for verify in (True, False):
+        seen.clear()
+        torch._dynamo.reset()
+        fxfuse.optimize(model, inputs, verify=verify)
+        assert seen and all(flag == verify for flag, _ in seen)
+        assert (sum(n for _, n in seen) > 0) == verify

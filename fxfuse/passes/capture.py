@@ -36,15 +36,19 @@ def to_fake(values: Sequence[object], mode: FakeTensorMode) -> list[object]:
     return [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v for v in values]
 
 
-def aten_graph(fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[object]) -> torch.fx.GraphModule:
+def aten_graph(
+    fn: torch.fx.GraphModule | Callable, example_inputs: Sequence[object], copy_loops: bool = True
+) -> torch.fx.GraphModule:
     """Re-trace `fn` (a dynamo GraphModule or any callable of tensors) into the canonical ATen graph.
 
     Shapes are static: they come from `example_inputs` (real or fake tensors); dynamo recompiles for
-    other shapes, and each new graph comes through here again.
+    other shapes, and each new graph comes through here again. `copy_loops` lets the re-trace copy the
+    ATen nodes of an unrolled loop's later steps (`Retrace`) instead of tracing each; `optimize` turns it
+    off with verify=False, where no whole-graph check would compare the result with dynamo's graph.
     """
     if isinstance(fn, torch.fx.GraphModule):
         gm = inline_vmaps(fn)  # torch's CPU associative_scan maps its combine function with vmap
-        plan = _plan_or_none(gm)
+        plan = _plan_or_none(gm) if copy_loops else {}
 
         def trace(plan: dict) -> torch.fx.GraphModule:
             retrace = Retrace(gm, plan)
