@@ -39,17 +39,27 @@ def _reject(anchor: Node, why: str, variant: str = "quadratic form") -> Rejectio
     return Rejection(PATTERN, variant, anchor, why)
 
 
+def _peel_eps(den: Node) -> tuple[Node, str, float] | None:
+    """`den` as (x, "eps", eps) for x + eps (either order), (x, "clamp", eps) for x.clamp(min=eps), (den, "eps",
+    0.0) otherwise; None when the clamp also bounds from above (no row normaliser the op knows)."""
+    if is_call(den, aten.add.Tensor) and den.kwargs.get("alpha", 1) == 1 and any(
+            isinstance(a, (int, float)) for a in den.args[:2]):  # fmt: skip
+        number = 1 if isinstance(den.args[1], (int, float)) else 0
+        return den.args[1 - number], "eps", float(den.args[number])
+    if is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
+            return None
+        return den.args[0], "clamp", float(den.args[1])
+    return den, "eps", 0.0
+
+
 def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
     """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
     is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
-    mode, eps = "eps", 0.0
-    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args):
-        number = 1 if isinstance(den.args[1], (int, float)) else 0  # sum + eps or eps + sum
-        den, eps = den.args[1 - number], float(den.args[number])
-    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
-        if len(den.args) > 2 and den.args[2] is not None:
-            return "the normaliser is clamped from above"
-        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    peeled = _peel_eps(den)
+    if peeled is None:
+        return "the normaliser is clamped from above"
+    den, mode, eps = peeled
     if not is_call(den, aten.sum.dim_IntList):
         return None
     inner = den.args[0]
@@ -409,14 +419,10 @@ def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[
     """(normalize, eps) when `den` is q . ksum + eps (either order) or (q . ksum).clamp(min=eps), its axes
     playing the roles `rows` (the output's without e), ksum = k summed over the sequence (non-causal)
     or its cumsum (causal)."""
-    mode, eps = "eps", 0.0
-    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args[:2]):
-        number = 1 if isinstance(den.args[1], (int, float)) else 0
-        den, eps = den.args[1 - number], float(den.args[number])
-    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
-        if len(den.args) > 2 and den.args[2] is not None:
-            return None
-        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    peeled = _peel_eps(den)
+    if peeled is None:
+        return None
+    den, mode, eps = peeled
     pd = read_product(den)
     q, k = roles.q, roles.k
     if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:

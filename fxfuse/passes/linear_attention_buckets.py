@@ -312,19 +312,15 @@ def _bucket_normaliser(b: Buckets) -> tuple[str, float] | None:
     """(normalize, eps) when the rows are scaled by 1 / (q_g . ksum_(<g) + eps) or 1 / clamp(..., eps),
     ksum_(<g) the running sum of k summed over each bucket, shifted by one bucket as the states are
     (lucidrains' D_inv); None otherwise."""
-    from fxfuse.passes.linear_attention import _reciprocal_of
+    from fxfuse.passes.linear_attention import _peel_eps, _reciprocal_of
 
     den = _reciprocal_of(b.rows)
     if den is None or len(b.rows.users) != 1 or b.scale != 1.0 or sorted(b.rows_roles) != sorted(b.batch + "gc"):
         return None
-    mode, eps = "eps", 0.0
-    if is_call(den, aten.add.Tensor) and any(isinstance(a, (int, float)) for a in den.args[:2]):
-        number = 1 if isinstance(den.args[1], (int, float)) else 0
-        den, eps = den.args[1 - number], float(den.args[number])
-    elif is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
-        if len(den.args) > 2 and den.args[2] is not None:
-            return None
-        den, mode, eps = den.args[0], "clamp", float(den.args[1])
+    peeled = _peel_eps(den)
+    if peeled is None:
+        return None
+    den, mode, eps = peeled
     pd = read_product(den)
     if pd is None or pd.bias is not None or pd.alpha != 1.0 or b.q not in (pd.a, pd.b) or pd.a is pd.b:
         return None
