@@ -29,9 +29,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.rewrite import region_of
 from fxfuse.passes.site import Rejection, Site
-from fxfuse.passes.ssm_labels import PASS_THROUGH, NotAScan, Product, factors, output_labels, shape, strip_moves
+from fxfuse.passes.ssm_labels import PASS_THROUGH, NotAScan, factors, output_labels, shape, strip_moves
 from fxfuse.passes.ssm_scan import (
-    _ALLOWED,
     SCAN_TOLERANCE,
     Tail,
     _arrange,
@@ -39,6 +38,7 @@ from fxfuse.passes.ssm_scan import (
     _call,
     _classify,
     _input_gen,
+    _rename_axes,
     _split,
     _to_layout,
     skip_and_gate,
@@ -325,13 +325,7 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
     parts = {"dt": dt, "A": A, "x": x, "B": B, "C": C}
     state_axes = tuple(s for s in labels if s not in (contracted, "l"))
     names = _classify(parts, state_axes, contracted)
-    for name, part in parts.items():
-        named = [(leaf, tuple(None if lab is None else names[lab] for lab in labs)) for leaf, labs in part.leaves]
-        for leaf, labs in named:
-            if not set(labs) - {None} <= _ALLOWED[name]:
-                raise NotAScan(f"the {name} factor {leaf.name} spans axes {labs}, a selective scan's {name} spans "
-                               f"{sorted(_ALLOWED[name])}")  # fmt: skip
-        parts[name] = Product(named, part.const)
+    _rename_axes(parts, names)
     sizes = dict(zip([names[s] for s in labels], shape(hs)))
     stacked = tuple(None if lab is None else names[lab] for lab in out_labels)
     if sorted(lab for lab in stacked if lab is not None) != ["b", "d", "l"]:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.backends import resolve
 from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
 from fxfuse.passes.rewrite import region_of
 from fxfuse.passes.site import Rejection, Site
@@ -218,13 +217,7 @@ def analyze(loop: Loop) -> dict:
             if leaf in body:
                 raise NotAScan(f"a per-step input ({leaf.name}, {leaf.target}) is computed inside the loop")
     names = _classify(parts, tuple(s for s in h_labels if s != contracted), contracted)
-    for name, part in parts.items():
-        named = [(leaf, tuple(None if lab is None else names[lab] for lab in labs)) for leaf, labs in part.leaves]
-        for leaf, labs in named:
-            if not set(labs) - {None} <= _ALLOWED[name]:
-                raise NotAScan(f"the {name} factor {leaf.name} spans axes {labs}, a selective scan's {name} spans "
-                               f"{sorted(_ALLOWED[name])}")  # fmt: skip
-        parts[name] = Product(named, part.const)
+    _rename_axes(parts, names)
     sizes = dict(zip([names[s] for s in h_labels], shape(h)), l=loop.length)
     out_labels = tuple(None if lab is None else names[lab] for lab in out_labels)
     _, dim = per_step_outputs(loop.anchor)
@@ -496,14 +489,23 @@ def _lti_site(loop: Loop, found: dict, backend: str) -> Site:
                 extra_outputs=extra)  # fmt: skip
 
 
-def _backend_name(backend: str, anchor: Node) -> str:
-    name = resolve(backend, anchor.meta["val"].device)
-    if name == "cpu":
-        from fxfuse.backends.cpu.ssm_scan import cpu_kernel_problem
+def _rename_axes(parts: dict[str, Product], names: dict) -> None:
+    """Each factor's axis labels renamed by `names` (to b, d, l, n), in place; NotAScan when a factor spans
+    an axis the selective scan's factor of that name cannot (`_ALLOWED`)."""
+    for name, part in parts.items():
+        named = [(leaf, tuple(None if lab is None else names[lab] for lab in labs)) for leaf, labs in part.leaves]
+        for leaf, labs in named:
+            if not set(labs) - {None} <= _ALLOWED[name]:
+                raise NotAScan(f"the {name} factor {leaf.name} spans axes {labs}, a selective scan's {name} spans "
+                               f"{sorted(_ALLOWED[name])}")  # fmt: skip
+        parts[name] = Product(named, part.const)
 
-        problem = cpu_kernel_problem()
-        return "cpu" if problem is None else f"reference ({problem})"
-    return name
+
+def _backend_name(backend: str, anchor: Node) -> str:
+    from fxfuse.backends import kernel_backend_label
+    from fxfuse.fusion.ssm_scan.op import cpu_problem
+
+    return kernel_backend_label(backend, anchor.meta["val"].device, cpu_problem)
 
 
 def find_ssm_scan(gm: GraphModule, backend: str) -> list[Site | Rejection]:
