@@ -6,7 +6,7 @@ import contextlib
 import functools
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -76,3 +76,27 @@ def resolve(backend: str, device: torch.device | str) -> str:
     if device.type == "cpu":
         return "cpu"
     return "reference"
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the compiled scan kernels take
+
+
+def kernel_backend(backend: str, tensors: list[torch.Tensor | None], cpu_problem: Callable[[], str | None]) -> str:
+    """Which implementation of an op with a compiled CPU kernel runs for these inputs ("triton", "cpu" or
+    "reference"): the reference for other dtypes, empty inputs, or where `cpu_problem()` says the CPU
+    kernel cannot be built."""
+    check_backend(backend)
+    real = [t for t in tensors if t is not None]
+    name = resolve(backend, real[0].device)
+    if name == "reference" or any(t.dtype not in KERNEL_DTYPES for t in real) or real[0].numel() == 0:
+        return "reference"
+    if name == "cpu" and cpu_problem() is not None:
+        return "reference"
+    return name
+
+
+def kernel_backend_label(backend: str, device: torch.device | str, cpu_problem: Callable[[], str | None]) -> str:
+    """The report's backend column for such an op: "reference (why)" where the CPU kernel cannot be built."""
+    name = resolve(backend, device)
+    problem = cpu_problem() if name == "cpu" else None
+    return name if problem is None else f"reference ({problem})"

@@ -399,15 +399,10 @@ def complex_site_parts(loop: Loop, found: dict, backend: str):
 
 
 def _backend_name(backend: str, anchor: Node) -> str:
-    from fxfuse.backends import resolve
+    from fxfuse.backends import kernel_backend_label
+    from fxfuse.fusion.complex_scan.op import cpu_problem
 
-    name = resolve(backend, anchor.meta["val"].device)
-    if name == "cpu":
-        from fxfuse.backends.cpu.complex_scan import cpu_kernel_problem
-
-        problem = cpu_kernel_problem()
-        return "cpu" if problem is None else f"reference ({problem})"
-    return name
+    return kernel_backend_label(backend, anchor.meta["val"].device, cpu_problem)
 
 
 def _site(loop: Loop, found: dict, backend: str, carried: list[int]) -> Site:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxfuse.backends import check_backend, count_call, resolve
+from fxfuse.backends import count_call, kernel_backend
 from fxfuse.fusion.complex_scan.reference import as_complex, complex_scan_reference, state_dtype
-
-_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_inputs(a: Tensor, x: Tensor, h0: Tensor | None) -> None:
@@ -29,18 +27,16 @@ def check_inputs(a: Tensor, x: Tensor, h0: Tensor | None) -> None:
         raise ValueError("complex_scan takes real floating-point tensors (torch.view_as_real of complex ones)")
 
 
+def cpu_problem() -> str | None:
+    """Why the C kernel cannot run here (None when it can); builds it on first call."""
+    from fxfuse.backends.cpu.complex_scan import cpu_kernel_problem
+
+    return cpu_kernel_problem()
+
+
 def complex_scan_backend(backend: str, *tensors: Tensor | None) -> str:
     """Which implementation runs for these inputs: "triton", "cpu" or "reference"."""
-    check_backend(backend)
-    real = [t for t in tensors if t is not None]
-    name = resolve(backend, real[0].device)
-    if name == "reference" or any(t.dtype not in _FAST_DTYPES for t in real) or real[0].numel() == 0:
-        return "reference"
-    if name == "cpu":
-        from fxfuse.backends.cpu.complex_scan import cpu_kernel_problem
-
-        return "cpu" if cpu_kernel_problem() is None else "reference"
-    return name
+    return kernel_backend(backend, list(tensors), cpu_problem)
 
 
 @torch.library.custom_op("fxfuse::complex_scan", mutates_args=())

@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxfuse.backends import check_backend, count_call, resolve
+from fxfuse.backends import count_call, kernel_backend
 from fxfuse.fusion.ssm_scan.reference import (
     selective_scan_reference,
     selective_scan_reference_backward,
     state_dtype,
 )
-
-_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_inputs(
@@ -46,18 +44,16 @@ def check_inputs(
         raise ValueError("selective_scan takes floating-point tensors")
 
 
+def cpu_problem() -> str | None:
+    """Why the C kernel cannot run here (None when it can); builds it on first call."""
+    from fxfuse.backends.cpu.ssm_scan import cpu_kernel_problem
+
+    return cpu_kernel_problem()
+
+
 def scan_backend(backend: str, *tensors: Tensor | None) -> str:
     """Which implementation runs for these inputs: "triton", "cpu" or "reference"."""
-    check_backend(backend)
-    real = [t for t in tensors if t is not None]
-    name = resolve(backend, real[0].device)
-    if name == "reference" or any(t.dtype not in _FAST_DTYPES for t in real) or real[0].numel() == 0:
-        return "reference"
-    if name == "cpu":
-        from fxfuse.backends.cpu.ssm_scan import cpu_kernel_problem
-
-        return "cpu" if cpu_kernel_problem() is None else "reference"
-    return name
+    return kernel_backend(backend, list(tensors), cpu_problem)
 
 
 @torch.library.custom_op("fxfuse::selective_scan", mutates_args=())
