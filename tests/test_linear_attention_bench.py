@@ -34,10 +34,11 @@ def test_cases_registered_quick_at_1k_only():
 def test_gpu_table_has_ratios_to_fxfuse():
     rows = [
         {"impl": "fxfuse", "n": 16384, "variant": "causal", "mode": "fwd", "ms": 2.0},
+        {"impl": "fxfuse-walk", "n": 16384, "variant": "causal", "mode": "fwd", "ms": 3.0, "ratio": 1.5},
         {"impl": "eager-quadratic", "n": 16384, "variant": "causal", "mode": "fwd", "ms": 40.0, "ratio": 20.0},
         {"impl": "sdpa-causal", "n": 16384, "variant": "causal", "mode": "fwd", "ms": 7.0, "ratio": 3.5},
         {"impl": "eager-quadratic", "n": 16384, "variant": "causal", "mode": "fwd+bwd", "skipped": "OOM"},
     ]
     lines = [" ".join(line.split()) for line in render_linear_attention(rows)[2].splitlines()]
-    assert "| fwd causal | 16384 | 2.000 | 40.000 (20.0x) | 7.000 (3.5x) |" in lines
-    assert "| fwd+bwd causal | 16384 | - | n/a | - |" in lines
+    assert "| fwd causal | 16384 | 2.000 | 3.000 (1.5x) | 40.000 (20.0x) | 7.000 (3.5x) |" in lines
+    assert "| fwd+bwd causal | 16384 | - | - | n/a | - |" in lines

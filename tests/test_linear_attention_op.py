@@ -170,3 +170,42 @@ def test_block_exclusive_opcheck_and_contract():
     assert linear_attention_backend("triton", "cuda", block=16)[0] == "triton"
     backend, why = linear_attention_backend("triton", "cuda", block=12)
     assert backend == "cpu" and "block 12" in why
+
+
+# --- the Triton kernel's two schedules: states-then-outputs ("parallel", the default) and the walk -------
+
+
+def masked_product(a, b, c, scale, mask):
+    """scale * (a b^T * mask) c in float64, the mask [H or 1, N, N] written out here."""
+    return (a.double() @ b.double().transpose(-1, -2) * scale * mask) @ c.double()
+
+
+# (N, D, E, decay, reverse, block): N not a multiple of the 16-row chunk; D = 40 > 16 splits the state
+# kernel's D tiles in the interpreter; reverse is the backward's anti-causal product
+SCHEDULE_CASES = {
+    "causal": (35, 8, 5, None, False, 0),
+    "decay-wide-d": (50, 40, 20, [0.95, 0.0], False, 0),
+    "decay-reverse": (35, 8, 5, [0.9, 0.5], True, 0),
+    "block-reverse": (40, 8, 5, None, True, 16),
+}
+
+
+@pytest.mark.parametrize("schedule", ["parallel", "walk"])
+@pytest.mark.parametrize("case", list(SCHEDULE_CASES))
+def test_triton_schedules_match_masked_product(case, schedule, device):
+    from fxfuse.backends.triton.linear_attention import chunked_product_triton
+
+    n, d, e, decay, reverse, block = SCHEDULE_CASES[case]
+    a, b = torch.rand(2, 2, n, d, device=device), torch.rand(2, 2, n, d, device=device)
+    c = torch.randn(2, 2, n, e, device=device)
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    dist = (i[None, :] - i[:, None]) if reverse else (i[:, None] - i[None, :])
+    if block:
+        blocks = torch.div(i, block, rounding_mode="floor")
+        mask = ((blocks[None, :] > blocks[:, None]) if reverse else (blocks[None, :] < blocks[:, None])).double()
+    else:
+        gamma = torch.tensor(decay or [1.0], dtype=torch.float64, device=device).view(-1, 1, 1)
+        mask = torch.where(dist >= 0, gamma ** dist.clamp(min=0), 0.0)
+    gammas = None if decay is None else torch.tensor(decay, dtype=torch.float64)
+    out = chunked_product_triton(a, b, c, 0.3, True, gammas, reverse, block, schedule=schedule)
+    assert rel(out, masked_product(a, b, c, 0.3, mask)) < 1e-6

@@ -3,13 +3,16 @@
 For N = 4k..16k (bf16 inputs, H = 16 heads of d = 64, batch 1), forward and forward+backward:
 - "none": fxfuse (phi(Q)(phi(K)^T V) / row sums) against the eager quadratic form it replaces;
 - "causal": the same with a causal mask, and against causal SDPA (flash), the fastest softmax
-  attention of the same shape: what a linear-attention model buys over softmax at long N.
+  attention of the same shape: what a linear-attention model buys over softmax at long N;
+- "fxfuse-walk": the op with the Triton kernel's one-launch "walk" schedule instead of the default
+  states-then-outputs one, to confirm (or overturn) that default on this GPU.
 Ratios are that implementation's time / fxfuse's (> 1: fxfuse is faster); the issue's target on a GPU
 is >= 3x causal SDPA at 16k. Nothing here needs CUDA at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from fxfuse.bench.table import format_table
 
 SEQ_LENS = (4096, 8192, 16384)
 HEADS, HEAD_DIM = 16, 64
-IMPLS = ("fxfuse", "eager-quadratic", "sdpa-causal")
+IMPLS = ("fxfuse", "fxfuse-walk", "eager-quadratic", "sdpa-causal")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -34,13 +37,26 @@ def _impls(causal: bool) -> dict[str, Callable]:
             s = s * torch.ones(q.shape[2], q.shape[2], device=q.device, dtype=q.dtype).tril()
         return (s / (s.sum(-1, keepdim=True) + 1e-6)) @ v
 
-    impls = {
-        "fxfuse": lambda q, k, v: linear_attention(q, k, v, causal=causal, normalize="eps", eps=1e-6),
-        "eager-quadratic": eager,
-    }
+    def fxfuse(q, k, v):
+        return linear_attention(q, k, v, causal=causal, normalize="eps", eps=1e-6)
+
+    impls = {"fxfuse": fxfuse, "fxfuse-walk": fxfuse, "eager-quadratic": eager}  # walk: see _schedule
     if causal:
         impls["sdpa-causal"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return impls
+
+
+@contextlib.contextmanager
+def _schedule(impl: str):
+    """The Triton kernel's schedule for `impl` ("walk" for fxfuse-walk), forward and backward alike."""
+    from fxfuse.backends.triton import linear_attention as kernel
+
+    default = kernel.SCHEDULE
+    kernel.SCHEDULE = "walk" if impl == "fxfuse-walk" else default
+    try:
+        yield
+    finally:
+        kernel.SCHEDULE = default
 
 
 def _time(fn: Callable, q, k, v, mode: str) -> float:
@@ -77,7 +93,8 @@ def run_linear_attention(deadline: float, log=sys.stderr) -> list[dict]:
                         rec["skipped"] = "section time budget spent"
                     else:
                         try:
-                            rec["ms"] = _time(fn, q, k, v, mode)
+                            with _schedule(impl):
+                                rec["ms"] = _time(fn, q, k, v, mode)
                         except Exception as e:  # e.g. the eager N x N matrices do not fit at 16k fwd+bwd
                             rec["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         torch.cuda.empty_cache()
