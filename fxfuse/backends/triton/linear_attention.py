@@ -15,7 +15,7 @@ That walk has B * H * (E / BLOCK_E) programs: at batch 1 and 16 heads, a few doz
 hundred SMs. The "parallel" schedule (the default for causal products) splits it in two launches, as
 chunked linear-attention kernels usually do: `_chunk_states_kernel` walks the chunks with one small
 product each and writes the state before every chunk ([B, H, N / C, D, E] float32), then
-`_chunk_output_kernel` runs one program per (chunk, batch * head, E block) for the intra-chunk product
+`_chunk_output_kernel` runs one program per (batch * head, chunk, E block) for the intra-chunk product
 plus a_c S_before. Non-causal products are two ATen matmuls there (a (b^T c)).
 
 Shapes: a [B, H, N, D], b [B, H, M, D], c [B, H, M, E] (as float32, contiguous) -> out [B, H, N, E].
@@ -144,9 +144,9 @@ def _chunk_output_kernel(
     DECAY: tl.constexpr, EXCLUSIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    # one program per (chunk, batch * head, E block): (a_c b_c^T * L) c_c + (a_c * gamma^(i + 1)) S_before
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one program per (batch * head, chunk, E block): (a_c b_c^T * L) c_c + (a_c * gamma^(i + 1)) S_before
+    bh = tl.program_id(0)
+    t = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -194,7 +194,7 @@ def _parallel_causal(
         num_warps=4, num_stages=stages,
     )  # fmt: skip
     out_e = min(block_e, 16 if triton_interpreting() else 64)
-    _chunk_output_kernel[(chunks, batch * heads, triton.cdiv(e, out_e))](
+    _chunk_output_kernel[(batch * heads, chunks, triton.cdiv(e, out_e))](
         a, b, c, states, out, log2_gamma, n, heads, d, e, chunks, float(scale),
         DECAY=decay, EXCLUSIVE=bool(block), DOT_PRECISION=precision,
         BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_E=out_e, num_warps=4, num_stages=stages,
