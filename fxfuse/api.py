@@ -149,11 +149,25 @@ def optimize(
     verify: bool = True,
     compile_rest: bool = False,
 ) -> OptimizedModule:
-    """Find attention / SPP patterns in `model`, verify and fuse them; returns a module that calls like it.
+    """Find the registered pattern families (attention, linear attention, SSM scans, SPP) in `model`,
+    verify each rewrite against a float64 run of the original and fuse it; returns an `OptimizedModule`
+    that calls like `model` and shares its parameters. `fxfuse.report(opt)` says what was done.
 
-    With `example_inputs` (a tuple of positional arguments, or a dict of keyword arguments such as a
-    tokenizer's output) capture, rewrite and verification happen now; without, at the first call (and
-    again for inputs the captured graph does not cover).
+    example_inputs: a tuple of positional arguments (one tensor is taken as a 1-tuple), or a dict of
+        keyword arguments such as a tokenizer's output. With it, capture, rewrite and verification happen
+        now; without, at the first call (and again for inputs the captured graph does not cover: a new
+        shape, dtype or device, as with `torch.compile`).
+    patterns: family names to look for (default: all), e.g. ["attention", "spp"]; see
+        `fxfuse.families.names()`.
+    backend: what the fused ops run: "auto" (CUDA tensors: "triton", CPU tensors: "cpu"), "triton",
+        "cpu" or "reference" (the plain-PyTorch implementation). One that cannot run on the inputs' device
+        falls back to "reference", with a note in the report.
+    verify: False skips the per-site check against float64 and the whole-graph check (the report says so).
+    compile_rest: True hands the rewritten graph to Inductor, the fused ops staying opaque, so the rest of
+        the model gets Inductor's generic fusion too.
+
+    Raises TypeError for a `model` that is not an `nn.Module` (or is already optimized) and ValueError for
+    an unknown pattern or backend name. A model dynamo cannot capture runs eagerly, with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -162,6 +176,10 @@ def optimize(
         )
     if isinstance(model, OptimizedModule):
         raise TypeError("this model is already optimized by fxfuse; pass the original model")
+    if isinstance(patterns, str):  # tuple("spp") would be ("s", "p", "p"): say what to write instead
+        raise TypeError(f"patterns takes a list of family names, e.g. patterns=[{patterns!r}]")
+    if patterns is not None and not patterns:
+        raise ValueError("patterns=[] selects no pattern family; pass patterns=None to look for all of them")
     options = Options(tuple(patterns) if patterns is not None else None, backend, verify, compile_rest)
     opt = OptimizedModule(model, options)
     if example_inputs is not None:

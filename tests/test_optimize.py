@@ -30,6 +30,10 @@ def test_bad_options_are_clear_errors():
         fxfuse.optimize(model, backend="tpu")
     with pytest.raises(ValueError, match="unknown pattern"):
         fxfuse.optimize(model, patterns=["convolution"])
+    with pytest.raises(TypeError, match=r"patterns=\['spp'\]"):
+        fxfuse.optimize(model, patterns="spp")
+    with pytest.raises(ValueError, match="selects no pattern family"):
+        fxfuse.optimize(model, patterns=[])
     with pytest.raises(TypeError, match="tuple"):
         fxfuse.optimize(model, example_inputs={"x": 1})
 
