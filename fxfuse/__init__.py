@@ -55,7 +55,12 @@ def export_onnx(
 
     Needs the `onnx` extra (`pip install -e '.[onnx]'` in a checkout). More: `fxfuse.onnx.export_onnx`.
     """
+    from fxfuse.api import check_patterns
+    from fxfuse.backends import check_backend
     from fxfuse.onnx import export_onnx as _export  # onnx and onnxruntime load only when exporting
+
+    check_patterns(patterns)  # before a minute of export work, and never a silent plain export
+    check_backend(backend)
 
     return _export(
         model, example_inputs, path, opset=opset, dynamic_shapes=dynamic_shapes, verify=verify,

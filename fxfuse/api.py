@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from fxfuse import families
 from fxfuse.dynamo_backend import Options, compiled_report, compiled_target, last_compiled_report, make_backend
 from fxfuse.report import Report
 
@@ -176,10 +177,7 @@ def optimize(
         )
     if isinstance(model, OptimizedModule):
         raise TypeError("this model is already optimized by fxfuse; pass the original model")
-    if isinstance(patterns, str):  # tuple("spp") would be ("s", "p", "p"): say what to write instead
-        raise TypeError(f"patterns takes a list of family names, e.g. patterns=[{patterns!r}]")
-    if patterns is not None and not patterns:
-        raise ValueError("patterns=[] selects no pattern family; pass patterns=None to look for all of them")
+    check_patterns(patterns)
     options = Options(tuple(patterns) if patterns is not None else None, backend, verify, compile_rest)
     opt = OptimizedModule(model, options)
     if example_inputs is not None:
@@ -195,6 +193,19 @@ def optimize(
             )
         _capture_now(opt, tuple(example_inputs))
     return opt
+
+
+def check_patterns(patterns: Sequence[str] | None) -> None:
+    """A clear error for a `patterns=` argument that names no registered family (shared with export)."""
+    if isinstance(patterns, str):  # tuple("spp") would be ("s", "p", "p"): say what to write instead
+        raise TypeError(f"patterns takes a list of family names, e.g. patterns=[{patterns!r}]")
+    if patterns is None:
+        return
+    if not patterns:
+        raise ValueError("patterns=[] selects no pattern family; pass patterns=None to look for all of them")
+    unknown = [p for p in patterns if p not in families.FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown pattern(s) {unknown}; available: {', '.join(families.names())}")
 
 
 def report(model: object) -> Report:

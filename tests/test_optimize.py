@@ -24,8 +24,8 @@ def test_non_module_is_a_clear_type_error():
         fxfuse.optimize(lambda x: x)
 
 
-def test_bad_options_are_clear_errors():
-    model, _ = make_plain_cnn()
+def test_bad_options_are_clear_errors(tmp_path):
+    model, inputs = make_plain_cnn()
     with pytest.raises(ValueError, match="backend"):
         fxfuse.optimize(model, backend="tpu")
     with pytest.raises(ValueError, match="unknown pattern"):
@@ -36,6 +36,13 @@ def test_bad_options_are_clear_errors():
         fxfuse.optimize(model, patterns=[])
     with pytest.raises(TypeError, match="tuple"):
         fxfuse.optimize(model, example_inputs={"x": 1})
+    # export checks them before its work (it used to export the model plain, the error in a note)
+    for bad, error in ((["convolution"], ValueError), ("spp", TypeError)):
+        with pytest.raises(error, match="pattern"):
+            fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx", patterns=bad)
+    with pytest.raises(ValueError, match="backend"):
+        fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx", backend="tpu")
+    assert not list(tmp_path.iterdir())
 
 
 def test_no_pattern_model_returned_working_with_empty_report():
