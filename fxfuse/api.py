@@ -38,6 +38,13 @@ class _FallbackLog(logging.Filter):
         return False
 
 
+class _MetaErrorLog(logging.Filter):
+    """Holds back the fake-tensor layer's "failed while attempting to run meta" records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed while attempting to run meta")
+
+
 @contextlib.contextmanager
 def _quiet_fallbacks(report: Report) -> Iterator[None]:
     """A call that fails in the user's own code (a wrong input shape) shows the user's error alone; a
@@ -47,11 +54,16 @@ def _quiet_fallbacks(report: Report) -> Iterator[None]:
         yield
         return
     logger, held = logging.getLogger("torch._dynamo.convert_frame"), _FallbackLog()
+    # A shape error met while tracing is first logged with its traceback by the fake-tensor layer; the
+    # same error then reaches the user from the eager run (or the frame is summarised as above).
+    fake, meta_errors = logging.getLogger("torch._subclasses.fake_tensor"), _MetaErrorLog()
     logger.addFilter(held)
+    fake.addFilter(meta_errors)
     try:
         yield
     finally:
         logger.removeFilter(held)
+        fake.removeFilter(meta_errors)
     for summary in held.summaries:  # reached only when the call returned
         if summary not in report.notes:
             report.notes.append(summary)
@@ -92,6 +104,9 @@ class OptimizedModule(nn.Module):
         try:
             with _quiet_fallbacks(self.fxfuse_report):
                 out = self._compiled(*args, **kwargs)
+        except Exception:
+            _capture_again_next_call(self.original)
+            raise
         finally:
             (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit,
              cfg.capture_scalar_outputs) = saved  # fmt: skip
@@ -124,6 +139,20 @@ class OptimizedModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("original"), name)
+
+
+def _capture_again_next_call(model: nn.Module) -> None:
+    """A call that raised (the user's own error, such as a wrong input shape) failed dynamo's capture too,
+    and with suppress_errors dynamo marks the forward's code "skip" for good: every later call of every
+    instance of the class, even a fresh `optimize`, would run eagerly, unreported. Clear that mark."""
+    code = getattr(type(model).forward, "__code__", None)
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # a torch without per-code strategies has no such mark either
+        return
+    if code is not None:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
 
 
 def _capture_now(opt: OptimizedModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:

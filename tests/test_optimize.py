@@ -245,6 +245,25 @@ def test_each_torch_compile_has_its_own_report():
         fxfuse.report(first)
 
 
+class _ShapeCheckedAttention(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1) @ v
+
+
+def test_a_call_with_a_wrong_shape_does_not_stop_later_captures(caplog):
+    good = tuple(torch.randn(3, 1, 2, 16, 8))
+    bad = (good[0], torch.randn(1, 2, 16, 9), good[2])  # k's feature size does not match q's
+    opt = fxfuse.optimize(_ShapeCheckedAttention(), good)
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="batch2"):
+        opt(*bad)
+    assert not caplog.records  # the user's error alone, not the fake-tensor layer's log of it first
+    # dynamo had marked the class's forward "skip" for good: a new model or shape ran eagerly, unreported
+    again = fxfuse.optimize(_ShapeCheckedAttention(), good)
+    assert fxfuse.report(again).count("attention") == 1
+    opt(*torch.randn(3, 1, 2, 32, 8))
+    assert fxfuse.report(opt).graphs == 2
+
+
 WRONG_SHAPE = """
 import traceback, torch, fxfuse
 from torch import nn
