@@ -242,6 +242,21 @@ class AttentionHeavy(nn.Module):
         return cls().eval(), (torch.randn(1, 1024, 128),)
 
 
+class AttentionWithProbs(nn.Module):
+    """Self-attention that also returns its probabilities, as Hugging Face models do when asked for
+    `output_attentions=True`: a near miss, left alone (the fused op never forms the probabilities)."""
+
+    def __init__(self, dim: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.o = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5, dim=-1)
+        return self.o((probs @ v).transpose(1, 2).reshape(b, n, c)), probs
+
+
 MODELS = (
     HandMHA,
     CausalGPTBlock,
@@ -275,3 +290,9 @@ def make_gqa_decoder() -> tuple[nn.Module, tuple]:
     """Llama-style grouped-query attention block, 8 query heads sharing 2 kv heads, [1, 1024, 256]."""
     torch.manual_seed(0)
     return GQABlock(dim=256, heads=8, kv_heads=2).eval(), (torch.randn(1, 1024, 256),)
+
+
+def make_attention_with_probs() -> tuple[nn.Module, tuple]:
+    """The near miss of the demo: attention whose probabilities are returned, [1, 256, 128], 4 heads."""
+    torch.manual_seed(0)
+    return AttentionWithProbs().eval(), (torch.randn(1, 256, 128),)

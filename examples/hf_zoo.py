@@ -1,7 +1,7 @@
 """Hugging Face models as shipped, from tiny random configs with eager attention: does `optimize` fuse every
 attention site, and do the outputs still match?
 
-    python -m examples.hf_zoo            # every model (about a minute)
+    python -m examples.hf_zoo            # every model (about two minutes)
     python -m examples.hf_zoo bloom t5   # some of them
 
 Prints one line per model: fused sites, rejected sites (with reasons), max relative error of the first

@@ -132,4 +132,10 @@ def make_causal_linear_at(n: int) -> tuple[nn.Module, tuple]:
     return CausalLinearLayer(128, 4).eval(), (torch.randn(1, n, 128),)
 
 
+def make_linear_transformer() -> tuple[nn.Module, tuple]:
+    """Demo size: the elu + 1 layer at N = 1024 (the test-sized `make()` is too small to gain from fusing)."""
+    torch.manual_seed(0)
+    return make_linear_transformer_at(1024)
+
+
 MODELS = (LinearTransformerLayer, CausalLinearLayer, RetentionLayer, PerformerLayer)

@@ -74,6 +74,11 @@ def make_mamba_block(length: int = 16, batch: int = 2, d_model: int = 16) -> tup
     return MambaBlock(d_model).eval(), (torch.randn(batch, length, d_model),)
 
 
+def make_mamba_block_128() -> tuple[nn.Module, tuple]:
+    """Demo size: the block's loop over 128 steps (at the default 16, the fused scan's fixed cost dominates)."""
+    return make_mamba_block(128)
+
+
 def make_mamba_model(length: int = 16, batch: int = 2, layers: int = 2) -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
     return MambaModel(layers).eval(), (torch.randn(batch, length, 16),)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from fxfuse import families
 from fxfuse.dynamo_backend import Options, compiled_report, compiled_target, last_compiled_report, make_backend
 from fxfuse.report import Report
 
@@ -37,6 +38,13 @@ class _FallbackLog(logging.Filter):
         return False
 
 
+class _MetaErrorLog(logging.Filter):
+    """Holds back the fake-tensor layer's "failed while attempting to run meta" records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed while attempting to run meta")
+
+
 @contextlib.contextmanager
 def _quiet_fallbacks(report: Report) -> Iterator[None]:
     """A call that fails in the user's own code (a wrong input shape) shows the user's error alone; a
@@ -46,11 +54,16 @@ def _quiet_fallbacks(report: Report) -> Iterator[None]:
         yield
         return
     logger, held = logging.getLogger("torch._dynamo.convert_frame"), _FallbackLog()
+    # A shape error met while tracing is first logged with its traceback by the fake-tensor layer; the
+    # same error then reaches the user from the eager run (or the frame is summarised as above).
+    fake, meta_errors = logging.getLogger("torch._subclasses.fake_tensor"), _MetaErrorLog()
     logger.addFilter(held)
+    fake.addFilter(meta_errors)
     try:
         yield
     finally:
         logger.removeFilter(held)
+        fake.removeFilter(meta_errors)
     for summary in held.summaries:  # reached only when the call returned
         if summary not in report.notes:
             report.notes.append(summary)
@@ -91,6 +104,9 @@ class OptimizedModule(nn.Module):
         try:
             with _quiet_fallbacks(self.fxfuse_report):
                 out = self._compiled(*args, **kwargs)
+        except Exception:
+            _capture_again_next_call(self.original)
+            raise
         finally:
             (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit,
              cfg.capture_scalar_outputs) = saved  # fmt: skip
@@ -125,6 +141,20 @@ class OptimizedModule(nn.Module):
             return getattr(super().__getattr__("original"), name)
 
 
+def _capture_again_next_call(model: nn.Module) -> None:
+    """A call that raised (the user's own error, such as a wrong input shape) failed dynamo's capture too,
+    and with suppress_errors dynamo marks the forward's code "skip" for good: every later call of every
+    instance of the class, even a fresh `optimize`, would run eagerly, unreported. Clear that mark."""
+    code = getattr(type(model).forward, "__code__", None)
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # a torch without per-code strategies has no such mark either
+        return
+    if code is not None:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.DEFAULT, FrameAction.DEFAULT))
+
+
 def _capture_now(opt: OptimizedModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
     """Run the model once so capture, rewrite and verification happen now, leaving no trace: buffers
     (batch-norm statistics) and the RNG state are restored afterwards."""
@@ -149,11 +179,25 @@ def optimize(
     verify: bool = True,
     compile_rest: bool = False,
 ) -> OptimizedModule:
-    """Find attention / SPP patterns in `model`, verify and fuse them; returns a module that calls like it.
+    """Find the registered pattern families (attention, linear attention, SSM scans, SPP) in `model`,
+    verify each rewrite against a float64 run of the original and fuse it; returns an `OptimizedModule`
+    that calls like `model` and shares its parameters. `fxfuse.report(opt)` says what was done.
 
-    With `example_inputs` (a tuple of positional arguments, or a dict of keyword arguments such as a
-    tokenizer's output) capture, rewrite and verification happen now; without, at the first call (and
-    again for inputs the captured graph does not cover).
+    example_inputs: a tuple of positional arguments (one tensor is taken as a 1-tuple), or a dict of
+        keyword arguments such as a tokenizer's output. With it, capture, rewrite and verification happen
+        now; without, at the first call (and again for inputs the captured graph does not cover: a new
+        shape, dtype or device, as with `torch.compile`).
+    patterns: family names to look for (default: all), e.g. ["attention", "spp"]; see
+        `fxfuse.families.names()`.
+    backend: what the fused ops run: "auto" (CUDA tensors: "triton", CPU tensors: "cpu"), "triton",
+        "cpu" or "reference" (the plain-PyTorch implementation). One that cannot run on the inputs' device
+        falls back to "reference", with a note in the report.
+    verify: False skips the per-site check against float64 and the whole-graph check (the report says so).
+    compile_rest: True hands the rewritten graph to Inductor, the fused ops staying opaque, so the rest of
+        the model gets Inductor's generic fusion too.
+
+    Raises TypeError for a `model` that is not an `nn.Module` (or is already optimized) and ValueError for
+    an unknown pattern or backend name. A model dynamo cannot capture runs eagerly, with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -162,6 +206,7 @@ def optimize(
         )
     if isinstance(model, OptimizedModule):
         raise TypeError("this model is already optimized by fxfuse; pass the original model")
+    check_patterns(patterns)
     options = Options(tuple(patterns) if patterns is not None else None, backend, verify, compile_rest)
     opt = OptimizedModule(model, options)
     if example_inputs is not None:
@@ -177,6 +222,19 @@ def optimize(
             )
         _capture_now(opt, tuple(example_inputs))
     return opt
+
+
+def check_patterns(patterns: Sequence[str] | None) -> None:
+    """A clear error for a `patterns=` argument that names no registered family (shared with export)."""
+    if isinstance(patterns, str):  # tuple("spp") would be ("s", "p", "p"): say what to write instead
+        raise TypeError(f"patterns takes a list of family names, e.g. patterns=[{patterns!r}]")
+    if patterns is None:
+        return
+    if not patterns:
+        raise ValueError("patterns=[] selects no pattern family; pass patterns=None to look for all of them")
+    unknown = [p for p in patterns if p not in families.FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown pattern(s) {unknown}; available: {', '.join(families.names())}")
 
 
 def report(model: object) -> Report:

@@ -8,11 +8,14 @@ import importlib
 import importlib.util
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+# One model per family at a size where fusing pays, a near miss (left alone, with the reason) and a model
+# with nothing to fuse. They live in the repository's `examples` package, not in the installed fxfuse.
 DEMO_FACTORIES = (
     "examples.spp_models:make_yolo_spp",
     "examples.spp_models:make_yolo_sppf",
@@ -20,6 +23,9 @@ DEMO_FACTORIES = (
     "examples.attention_models:make_attention_heavy",
     "examples.attention_models:make_padded_mha",
     "examples.attention_models:make_gqa_decoder",
+    "examples.linear_attention_models:make_linear_transformer",
+    "examples.ssm_models:make_mamba_block_128",
+    "examples.attention_models:make_attention_with_probs",
     "examples.spp_models:make_plain_cnn",
 )
 
@@ -146,6 +152,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # does not decide the ratio.
     config = dataclasses.replace(QUICK, clock="cpu")
     torch.set_num_threads(1)
+    if not args.factories:
+        if "" not in sys.path:
+            sys.path.insert(0, "")  # as _import does: the current directory, as with `python -m`
+        if importlib.util.find_spec("examples") is None:
+            raise CliError("the demo's models are in the `examples` package of the fxfuse repository, which is "
+                           "not installed: run `fxfuse demo` from the repository root")  # fmt: skip
     rows = []
     for spec in args.factories or DEMO_FACTORIES:
         try:
@@ -160,12 +172,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with torch.no_grad():
             err = compare(opt(*inputs), model(*inputs), 1e-4)
             m = paired_ratio(lambda m=model, x=inputs: m(*x), lambda o=opt, x=inputs: o(*x), config)
-        rows.append((name, fxfuse.report(opt).count(), m.ratio, m.q1, m.q3, err.max_rel_err))
-    print(f"\nSpeedup: eager / optimized CPU time, 1 thread, median of {config.pairs} paired runs (this machine).")
-    print("whole model: optimized vs original output on the example inputs, same dtype (sites: vs float64)")
-    print(f"{'model':<22}{'rewrites':>9}{'speedup':>9}{'  q1..q3':<15}{'whole model':>12}")
-    for name, n, ratio, q1, q3, err in rows:
-        print(f"{name:<22}{n:>9}{ratio:>8.2f}x  {q1:.2f}..{q3:.2f}   {err:>10.1e}")
+        rep = fxfuse.report(opt)
+        left = len({(r.pattern, r.location) for r in rep.rejected()})
+        rows.append((name, rep.count(), left, m.ratio, m.q1, m.q3, err.max_rel_err))
+    if not rows:
+        raise CliError("no model could be built (see the lines above)")
+    print(f"\nspeedup: original / optimized CPU time, 1 thread, median of {config.pairs} paired runs on this "
+          "machine\n(q1..q3: its quartiles; above 1.00x the optimized model is faster)")  # fmt: skip
+    print("fused: sites rewritten; left alone: sites found but not rewritten (the reason is in its report)")
+    print("max diff: largest relative difference of the optimized model's outputs from the original's")
+    print(f"{'model':<24}{'fused':>6}{'left alone':>11}{'speedup':>9}{'  q1..q3':<15}{'max diff':>9}")
+    for name, n, left, ratio, q1, q3, err in rows:
+        print(f"{name:<24}{n:>6}{left:>11}{ratio:>8.2f}x  {q1:.2f}..{q3:.2f}   {err:>8.1e}")
     return 0
 
 
@@ -192,7 +210,15 @@ def make_parser() -> argparse.ArgumentParser:
         "package.module:make_model, path/to/file.py:make_model or module:Class.make. "
         "Errors print one line; FXFUSE_VERBOSE=1 shows tracebacks."
     )
-    parser = _Parser(prog="fxfuse", description=description)
+    epilog = """examples (from the repository root; its `examples` package is not installed):
+  fxfuse demo
+  fxfuse explain examples.spp_models:make_yolo_spp
+  fxfuse explain ./mymodels.py:make_model --json       (your own factory)
+  fxfuse export examples.spp_models:make_yolo_spp -o yolo.onnx
+  fxfuse bench --quick
+`fxfuse COMMAND --help` lists a command's options."""
+    parser = _Parser(prog="fxfuse", description=textwrap.fill(description, 79), epilog=epilog,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"fxfuse {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="optimize the example models; print reports and a speedup table")

@@ -124,7 +124,8 @@ def location_parts(location: str) -> tuple[str, str | None]:
 def _where(location: str) -> list[str]:
     """The site's module path and file:line on one line, the source line on its own."""
     where, code = location_parts(location)
-    return [fit(f"  at {where}")] + ([] if code is None else [fit(f"      {code}")])
+    # no source text (a model defined at the Python prompt): no line of blanks under it
+    return [fit(f"  at {where}")] + ([] if not code else [fit(f"      {code}")])
 
 
 def _figure(values: list[float | None]) -> str:

@@ -171,3 +171,17 @@ def test_every_option_has_help_and_patterns_list_the_registered_families():
     assert not undocumented, undocumented
     patterns_help = [a.help for _, a in actions if a.dest == "patterns"]
     assert len(patterns_help) == 2 and all(name in h for h in patterns_help for name in families.names())
+
+
+def test_demo_outside_the_repository_says_where_to_run_it(monkeypatch, capsys):
+    import importlib.util
+
+    from fxfuse.cli import main
+
+    find_spec = importlib.util.find_spec
+    no_examples = lambda name, *rest: None if name == "examples" else find_spec(name, *rest)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", no_examples)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "from the repository root" in err, err

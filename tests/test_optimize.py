@@ -24,14 +24,25 @@ def test_non_module_is_a_clear_type_error():
         fxfuse.optimize(lambda x: x)
 
 
-def test_bad_options_are_clear_errors():
-    model, _ = make_plain_cnn()
+def test_bad_options_are_clear_errors(tmp_path):
+    model, inputs = make_plain_cnn()
     with pytest.raises(ValueError, match="backend"):
         fxfuse.optimize(model, backend="tpu")
     with pytest.raises(ValueError, match="unknown pattern"):
         fxfuse.optimize(model, patterns=["convolution"])
+    with pytest.raises(TypeError, match=r"patterns=\['spp'\]"):
+        fxfuse.optimize(model, patterns="spp")
+    with pytest.raises(ValueError, match="selects no pattern family"):
+        fxfuse.optimize(model, patterns=[])
     with pytest.raises(TypeError, match="tuple"):
         fxfuse.optimize(model, example_inputs={"x": 1})
+    # export checks them before its work (it used to export the model plain, the error in a note)
+    for bad, error in ((["convolution"], ValueError), ("spp", TypeError)):
+        with pytest.raises(error, match="pattern"):
+            fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx", patterns=bad)
+    with pytest.raises(ValueError, match="backend"):
+        fxfuse.export_onnx(model, inputs, tmp_path / "m.onnx", backend="tpu")
+    assert not list(tmp_path.iterdir())
 
 
 def test_no_pattern_model_returned_working_with_empty_report():
@@ -232,6 +243,25 @@ def test_each_torch_compile_has_its_own_report():
     assert fxfuse.report(fn).count("spp") == 1 and fxfuse.last_report() is fxfuse.report(fn)
     with pytest.raises(TypeError, match="not produced by fxfuse.optimize or torch.compile"):
         fxfuse.report(first)
+
+
+class _ShapeCheckedAttention(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) / 8.0, dim=-1) @ v
+
+
+def test_a_call_with_a_wrong_shape_does_not_stop_later_captures(caplog):
+    good = tuple(torch.randn(3, 1, 2, 16, 8))
+    bad = (good[0], torch.randn(1, 2, 16, 9), good[2])  # k's feature size does not match q's
+    opt = fxfuse.optimize(_ShapeCheckedAttention(), good)
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="batch2"):
+        opt(*bad)
+    assert not caplog.records  # the user's error alone, not the fake-tensor layer's log of it first
+    # dynamo had marked the class's forward "skip" for good: a new model or shape ran eagerly, unreported
+    again = fxfuse.optimize(_ShapeCheckedAttention(), good)
+    assert fxfuse.report(again).count("attention") == 1
+    opt(*torch.randn(3, 1, 2, 32, 8))
+    assert fxfuse.report(opt).graphs == 2
 
 
 WRONG_SHAPE = """

@@ -299,7 +299,8 @@ def gate(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fxfuse bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--suite", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu (default): paired ratios on this machine; gpu: the CUDA suite")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="CI subset: fewer pairs, no torch.compile comparisons")
     p.add_argument("--cases", metavar="SUBSTRING", help="only cases whose name contains SUBSTRING")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -309,7 +310,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="check the run against FILE: fail when a median falls below (1 - tolerance) x the recorded median, "
         "below a case's floor, or when a case errors, is missing from the run or from FILE",
     )
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"with --baseline: the fraction a median may fall below the recorded one (default "
+                        f"{DEFAULT_TOLERANCE})")  # fmt: skip
     p.add_argument(
         "--write-baseline",
         metavar="FILE",
