@@ -223,6 +223,39 @@ class AnnotatedTransformer(nn.Module):
         return torch.matmul(F.softmax(scores, dim=-1), v).transpose(1, 2).reshape(B, N, C)
 
 
+class VaeAttnBlock(nn.Module):
+    """Spelled as in CompVis taming-transformers / latent-diffusion AttnBlock (the Stable Diffusion VAE): one
+    head over the pixels, q permuted to [B, HW, C], bmm with k [B, C, HW], softmax over dim 2, then
+    bmm(v, p.permute(0, 2, 1))."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(4, c)
+        self.q, self.k, self.v, self.proj = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        b, c, hh, ww = x.shape
+        q = self.q(h).reshape(b, c, hh * ww).permute(0, 2, 1)
+        w = F.softmax(torch.bmm(q, self.k(h).reshape(b, c, hh * ww)) * int(c) ** -0.5, dim=2)
+        out = torch.bmm(self.v(h).reshape(b, c, hh * ww), w.permute(0, 2, 1)).reshape(b, c, hh, ww)
+        return x + self.proj(out)
+
+
+class CrossCovariance(nn.Module):
+    """Spelled as in timm models/xcit.py XCA: attention across channels, q and k as [B, H, D, N] L2-normalized
+    along the tokens, a learned temperature per head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.temperature = nn.Linear(C, 3 * C), nn.Parameter(torch.rand(H, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        return (attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+
+
 POSITIVE = {
     # id: (model class, extra inputs, fragments of the variant)
     "timm-vit-qk-norm": (TimmVit, (), ["scale 0.3536"]),
@@ -235,6 +268,8 @@ POSITIVE = {
     "ultralytics-area-attention": (AreaAttention, (), ["scale 0.3536"]),
     "hf-deberta-rel-att-zero": (DebertaNoRelative, ("keep",), ["mask bool"]),
     "annotated-transformer-fill-1e9": (AnnotatedTransformer, ("keep",), ["scale 0.3536", "mask bool"]),
+    "taming-vae-attn-block": (VaeAttnBlock, (), ["scale 0.25", "3-D"]),
+    "timm-xcit-channel-attention": (CrossCovariance, (), ["per-head temperature"]),
 }
 
 
@@ -243,6 +278,8 @@ def _inputs(cls: type, extra: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
         x = torch.randn(2 * 2, 4, C)  # [batch * windows, tokens per window, C]
     elif cls is AreaAttention:
         x = torch.randn(B, C, 2, 4)
+    elif cls is VaeAttnBlock:
+        x = torch.randn(B, 16, 2, 3)
     else:
         x = torch.randn(B, N, C)
     return (x, *(_keep() for _ in extra))
