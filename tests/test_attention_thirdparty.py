@@ -388,7 +388,7 @@ class NanGuard(nn.Module):
 
 NEAR_MISSES = {
     "gpt-oss-sinks": (Sinks, (), "aten.slice"),
-    "vit-pytorch-talking-heads": (TalkingHeads, (), "does not fit"),
+    "vit-pytorch-talking-heads": (TalkingHeads, (), "talking heads"),
     "gemma2-softcap": (Softcap, (), "tanh"),
     "nan-to-num-after-softmax": (NanGuard, ("keep",), "nan_to_num"),
 }
