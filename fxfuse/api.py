@@ -17,6 +17,10 @@ from fxfuse.report import Report
 
 RECOMPILE_LIMIT = 256
 VERBOSE_ENV = "FXFUSE_VERBOSE"  # =1: dynamo's own log of frames it could not capture, in full
+# Traced as no-ops: a filter change breaks the graph (a C builtin), and inside `with catch_warnings()`
+# the break cannot resume, so dynamo runs the whole frame eagerly (YOLOv5's SPP and SPPF silence a
+# max_pool2d warning that way). Only which warnings print inside the captured graph can differ.
+_NO_OP_WHILE_TRACED = frozenset({warnings.simplefilter, warnings.filterwarnings})
 
 
 class _FallbackLog(logging.Filter):
@@ -101,6 +105,8 @@ class OptimizedModule(nn.Module):
         # `.item()` traced, not a graph break: a break inside a loop (a packed-sequence mask built by slicing
         # at cu_seqlens values) makes dynamo skip the whole frame, attention included, unreported
         cfg.capture_scalar_outputs = True
+        ignored = _NO_OP_WHILE_TRACED - cfg.ignore_logging_functions
+        cfg.ignore_logging_functions |= ignored
         try:
             with _quiet_fallbacks(self.fxfuse_report):
                 out = self._compiled(*args, **kwargs)
@@ -108,6 +114,7 @@ class OptimizedModule(nn.Module):
             _capture_again_next_call(self.original)
             raise
         finally:
+            cfg.ignore_logging_functions -= ignored
             (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit,
              cfg.capture_scalar_outputs) = saved  # fmt: skip
         rep = self.fxfuse_report

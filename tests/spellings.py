@@ -39,7 +39,8 @@ AXES = {
     "mask": (
         "none", "additive", "bool_masked_fill", "where_finfo_min", "causal_tril_where",
         "causal_triu_masked_fill", "causal_additive", "causal_offset", "sliding_window", "causal_sliding_window",
-        "extended_padding", "float_bias", "block_mask_added",
+        "extended_padding", "float_bias", "block_mask_added", "fill_1e9", "tf_additive_1e4", "alibi_causal",
+        "plus_zero",
     ),
     "norm": (
         "torch", "functional", "method", "softmax_dtype", "upcast_to", "upcast_type_as", "manual_amax",
@@ -55,7 +56,7 @@ AXES = {
 NEAR_MISSES = (
     "softmax_over_queries", "probs_returned", "probs_summed", "softmax_then_zeroed", "softmax_then_weighted",
     "exp_without_max", "relu2_then_filled_nonzero", "tanh_softcap", "value_contracts_queries",
-    "two_score_products", "column_max_subtracted",
+    "two_score_products", "column_max_subtracted", "sink_column_dropped", "heads_mixed", "nan_to_num_probs",
 )  # fmt: skip
 
 
@@ -108,6 +109,9 @@ class Spelling(nn.Module):
         self.kv = nn.Linear(DIM, 2 * self.kv_heads * D)
         self.temperature = nn.Parameter(torch.rand(H, 1, 1) + 0.5)
         self.bias = nn.Parameter(torch.randn(H, N, N))
+        self.sinks = nn.Parameter(torch.randn(H))  # gpt-oss: one extra logit per head
+        self.mix = nn.Parameter(torch.randn(H, H))  # talking heads (vit-pytorch's CaiT)
+        self.register_buffer("slopes", 2.0 ** (-8 * torch.arange(1, H + 1) / H).view(H, 1, 1))
         self.register_buffer("triu_inf", torch.full((N, N), float("-inf")).triu(1))
 
     def extra_inputs(self, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -115,9 +119,9 @@ class Spelling(nn.Module):
         keep[:, 0] = True  # every row keeps a key: no NaN rows in the original
         if self.c.mask == "additive" or self.c.near_miss == "softmax_then_weighted":
             return (torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None], torch.finfo(torch.float32).min),)
-        if self.c.mask in ("bool_masked_fill", "where_finfo_min", "extended_padding"):
+        if self.c.mask in ("bool_masked_fill", "where_finfo_min", "extended_padding", "fill_1e9", "tf_additive_1e4"):
             return (keep,)
-        if self.c.near_miss == "softmax_then_zeroed":
+        if self.c.near_miss in ("softmax_then_zeroed", "nan_to_num_probs"):
             return (keep,)
         if self.c.mask == "block_mask_added":
             blocks = torch.arange(N) // 3
@@ -221,6 +225,14 @@ class Spelling(nn.Module):
             s = self._back(self._four_d(s) + self.bias)
         elif c.mask == "block_mask_added":
             s = self._back(self._four_d(s) + extra[0])  # a 0/1 bias, not a mask
+        elif c.mask == "fill_1e9":  # The Annotated Transformer: a moderate fill
+            s = self._back(self._four_d(s).masked_fill(extra[0][:, None, None, :] == 0, -1e9))
+        elif c.mask == "tf_additive_1e4":  # BERT as first ported from TensorFlow
+            s = self._back(self._four_d(s) + (1.0 - extra[0][:, None, None, :].float()) * -10000.0)
+        elif c.mask == "alibi_causal":  # ALiBi: a per-head linear distance penalty, causal by a -inf triangle
+            s = self._back(self._four_d(s) + self.slopes * (i[None, :] - i[:, None]) + self.triu_inf)
+        elif c.mask == "plus_zero":  # DeBERTa without relative attention adds rel_att = 0
+            s = s + 0
         return s
 
     def _normalize(self, s: torch.Tensor) -> torch.Tensor:
@@ -296,8 +308,16 @@ class Spelling(nn.Module):
             o = s.softmax(-1).transpose(-2, -1) @ v
         elif kind == "two_score_products":
             o = torch.softmax(s + q @ v.transpose(-2, -1), -1) @ v
-        else:  # column_max_subtracted
+        elif kind == "column_max_subtracted":
             o = torch.softmax(s - s.amax(-2, keepdim=True), -1) @ v
+        elif kind == "sink_column_dropped":  # the kept probabilities sum to less than 1
+            sink = self.sinks.view(1, H, 1, 1).expand(B, H, N, 1).reshape(*s.shape[:-1], 1)
+            o = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1] @ v
+        elif kind == "heads_mixed":  # every head's scores depend on every head's q @ k^T
+            o = self._back(torch.einsum("bhij,hg->bgij", self._four_d(s), self.mix).contiguous()).softmax(-1) @ v
+        else:  # nan_to_num_probs: fully masked rows give 0 here, NaN in a fused op
+            masked = self._four_d(s).masked_fill(~extra[0][:, None, None, :], float("-inf"))
+            o = torch.nan_to_num(self._back(masked).softmax(-1)) @ v
         if self.c.layout == "bnhd":
             o = o.transpose(1, 2)
         return o

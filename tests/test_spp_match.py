@@ -52,6 +52,11 @@ def sppf_k3(x):
     return torch.cat([x, y1, y2, y3], 1)
 
 
+def ceil_mode_stride_1(x):
+    # ceil_mode at stride 1 changes neither the output size nor a window: the same pyramid
+    return torch.cat([x] + [F.max_pool2d(x, k, 1, k // 2, ceil_mode=True) for k in (5, 9, 13)], 1)
+
+
 def with_indices(x):
     y, _ = F.max_pool2d(x, 5, 1, 2, return_indices=True)
     return torch.cat([x, y, F.max_pool2d(x, 9, 1, 4), F.max_pool2d(x, 13, 1, 6)], 1)
@@ -62,6 +67,7 @@ POSITIVE = {
     "sppf-functional-dim-3": (sppf_functional, "sizes 1/5/9/13, chained (SPPF)"),
     "sppcspc-tuple-args": (sppcspc_pools, "sizes 1/5/9/13, parallel"),
     "sppf-kernel3": (sppf_k3, "sizes 1/3/5/7, chained (SPPF)"),
+    "ceil-mode-stride-1": (ceil_mode_stride_1, "sizes 1/5/9/13, parallel"),
 }
 
 
@@ -145,8 +151,8 @@ def zero_padding(x):
     return torch.cat([x] + [F.max_pool2d(F.pad(x, (k // 2,) * 4), k, 1) for k in (5, 9)], 1)
 
 
-def ceil_mode(x):
-    return torch.cat([x, F.max_pool2d(x, 5, 1, 2, ceil_mode=True), F.max_pool2d(x, 9, 1, 4, ceil_mode=True)], 1)
+def strided_ceil_mode(x):
+    return torch.cat([F.max_pool2d(x, 3, 2, 1, ceil_mode=True), F.max_pool2d(x, 5, 2, 2, ceil_mode=True)], 1)
 
 
 def dilated(x):
@@ -180,7 +186,7 @@ def other_input(x):
 
 NEAR_MISSES = {
     "zero-padding-F.pad": (lambda: Wrap(zero_padding, out_mult=3), "zero-padded with F.pad"),
-    "ceil-mode": (lambda: Wrap(ceil_mode, out_mult=3), "ceil_mode"),
+    "stride-2-ceil-mode": (lambda: Wrap(strided_ceil_mode, out_mult=2), "ceil_mode"),
     "dilation": (lambda: Wrap(dilated, out_mult=2), "dilation"),
     "stride-2": (lambda: Wrap(strided, out_mult=2), "stride"),
     "average-pools": (lambda: Wrap(average), None),

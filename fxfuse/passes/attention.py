@@ -175,7 +175,7 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
         return reject(_blocker(where))
     roles = _roles(anchor, ps, pv)
     if isinstance(roles, str):
-        return reject(roles)
+        return reject(_mixed_scores(ps) or roles)
     first = None
     for specialize in (True, False):
         scores = normalize(terms, specialize, roles.bh)
@@ -203,6 +203,14 @@ def _shift_problem(anchor: Anchor, terms: list) -> str | None:
     later = terms[shifts[0] + 1 :]
     if any(t.kind == "mask" and t.value > _MASK_FLOOR for t in later):
         return "a mask with a moderate fill value follows the row-max subtraction; dropping it would change the scores"
+    return None
+
+
+def _mixed_scores(ps: Product) -> str | None:
+    """Why the product next to the softmax is not q @ k^T when an operand of it is itself a score matrix from
+    a product (talking heads: the scores mixed across heads by an [H, H] weight), or None."""
+    if any(same_rows(x, ps.node) and read_product(read_chain(x)[0]) is not None for x in (ps.a, ps.b)):
+        return "the scores are mixed by a second product before the softmax (talking heads); heads stay apart in the op"
     return None
 
 

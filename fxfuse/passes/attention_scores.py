@@ -160,6 +160,8 @@ def _rule_bias(n: Node) -> tuple[Node, Term] | None:
         return None
     x = _chain_arg(*n.args) if n.target is aten.add.Tensor else _chain_arg(n.args[0])
     other = n.args[1] if n.args[0] is x else n.args[0]
+    if x is not None and is_number(other) and other == 0:
+        return x, Term("cast")  # s + 0 (DeBERTa's rel_att = 0 without relative attention) -> nothing, exactly
     if x is None or not isinstance(other, Node) or val(other) is None:
         return None
     if not val(other).is_floating_point() and val(other).dtype != torch.bool:

@@ -6,8 +6,9 @@ Three spellings reach one fused op, `fxfuse::spp`:
   pool5∘pool5 == pool9 exactly);
 - SPPNet pyramids: adaptive max pools at several bin counts (or max pools whose computed windows are the
   adaptive ones at the captured size), each flattened, concatenated.
-Everything else — zero padding (F.pad then pool), ceil_mode, dilation, strides, average pools, pools of
-different inputs — is left alone, with the reason in the report when it looked like a pyramid.
+Everything else — zero padding (F.pad then pool), dilation, strides, average pools, pools of different
+inputs — is left alone, with the reason in the report when it looked like a pyramid. (ceil_mode is fine at
+stride 1: it changes neither the output size nor any window there.)
 """
 
 from __future__ import annotations
@@ -66,11 +67,10 @@ class Pool:
         if k[0] % 2 == 0:
             return f"even kernel {k[0]} (no same-size padding)"
         if self.stride != (1, 1):
-            return f"stride {self.stride}: not a same-size pyramid"
+            # ceil_mode is only checked here: at stride 1 it changes neither the output size nor a window
+            return f"stride {self.stride}{', ceil_mode' if self.ceil_mode else ''}: not a same-size pyramid"
         if self.dilation != (1, 1):
             return f"dilation {self.dilation}"
-        if self.ceil_mode:
-            return "ceil_mode=True"
         if self.padding != (k[0] // 2, k[1] // 2):
             return f"padding {self.padding} with kernel {k[0]}: output size changes"
         return None

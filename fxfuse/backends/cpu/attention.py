@@ -114,7 +114,14 @@ def _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset, mask
         attn_mask = torch.zeros((), dtype=q.dtype).masked_fill(~attn_mask, -math.inf)
     if attn_mask is not None and attn_mask.dim() != 4:  # the flash kernels take 2-D or 4-D masks
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), attn_mask, is_causal, dead
+    return _dense_rows(expand_kv(k, q.shape[1])), _dense_rows(expand_kv(v, q.shape[1])), attn_mask, is_causal, dead
+
+
+def _dense_rows(t: Tensor) -> Tensor:
+    """`t` with a unit stride on its last axis: the raw ATen flash kernels read rows as dense (SDPA's
+    wrapper copies for them; called directly, a [B, H, D, N] tensor seen transposed gave NaN and wrong
+    gradients)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def attention_cpu_with_stats(
@@ -139,7 +146,7 @@ def attention_cpu_with_stats(
     kx, vx, attn_mask, is_causal, dead = _flash_inputs(q, k, v, bias, mask, q_seg, k_seg, causal, causal_offset,
                                                        masked_value)  # fmt: skip
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, kx, vx, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        _dense_rows(q), kx, vx, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
     return _nan_rows(out, dead), lse
 
@@ -154,7 +161,7 @@ def _flash_backward(grad_out, q, k, v, bias, mask, q_seg, k_seg, out, lse, scale
     if attn_mask is not None and not bool((attn_mask > _SATURATED).any(-1).all()):
         return None
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.contiguous(), q, kx, vx, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        grad_out.contiguous(), _dense_rows(q), kx, vx, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
     )
     return dq, reduce_kv(dk, k.shape[1]), reduce_kv(dv, k.shape[1])
 
