@@ -44,6 +44,8 @@ from fxfuse.passes.ssm_labels import (
     strip_moves,
 )
 from fxfuse.passes.ssm_lti import analyze_lti, decay, site_parts
+from fxfuse.passes.ssm_prealloc import step_write_rejections
+from fxfuse.passes.ssm_states import match_stacked_states
 from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
@@ -311,6 +313,8 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
             return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
     except NotAScan as exc:
         return Rejection("ssm_scan", f"{variant}, LTI recurrence", anchor, str(exc))
+    if loop.outputs[1] is loop.bodies[1][loop.carried]:  # the states themselves stacked (mamba.py)
+        return match_stacked_states(loop, _time_index(loop), backend)
     try:
         found = analyze(loop)
     except NotAScan as exc:
@@ -518,4 +522,4 @@ def find_ssm_scan(gm: GraphModule, backend: str) -> list[Site | Rejection]:
         result = match_selective_scan(node, backend)
         if result is not None:
             found.append(result)
-    return found + find_associative_scans(gm, backend)
+    return found + find_associative_scans(gm, backend) + step_write_rejections(gm)

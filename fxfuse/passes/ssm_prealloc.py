@@ -1,0 +1,150 @@
+"""Per-step outputs written into a preallocated tensor, turned into the stack the re-roll reads.
+
+Research code often spells a scan's outputs as `ys = torch.empty(...)` (or `zeros`, `empty_like`, ...) and
+`ys[:, :, t] = y_t` inside the loop. Capture records the allocation, then one `select(ys, dim, t)` and
+one `copy_` into it per step. When every index along `dim` is written exactly once, nothing reads or views
+the buffer before the last write, and each written value has the slot's shape, the buffer after the loop
+holds exactly `stack([y_0, ..., y_{L-1}], dim)` (cast to the buffer's dtype, as `copy_` casts): the writes
+are replaced by that stack, which `passes/ssm_scan.py` then re-rolls like any other.
+
+Anything else (steps skipped, a slot written twice, the buffer read mid-loop, a write that broadcasts) is
+left as captured; when the written values form a recurrence the scan family reports why
+(`step_write_rejections`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxfuse.passes.reroll import chained
+from fxfuse.passes.site import Rejection
+
+aten = torch.ops.aten
+_ALLOCS = (
+    aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.zeros.default,
+    aten.zeros_like.default, aten.new_zeros.default,
+)  # fmt: skip
+
+
+class NotStepWrites(Exception):
+    """The buffer is not filled slot by slot as a stack would be; the message says why."""
+
+
+def _writes(buffer: Node) -> tuple[int, list[Node], list[Node]]:
+    """(dim, the value written into each slot in index order, the copy_ nodes) of a buffer filled one
+    `select` slot at a time; NotStepWrites otherwise. Raises when fewer than 3 slots are written."""
+    val = buffer.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        raise NotStepWrites("not a tensor buffer")
+    order = {n: j for j, n in enumerate(buffer.graph.nodes)}
+    slots: dict[int, Node] = {}
+    copies: list[Node] = []
+    dims: set[int] = set()
+    readers: list[Node] = []
+    for user in buffer.users:
+        copy = next(iter(user.users)) if len(user.users) == 1 else None
+        if (
+            user.target is aten.select.int
+            and user.args[0] is buffer
+            and copy is not None
+            and copy.target is aten.copy_.default
+            and copy.args[0] is user
+            and not copy.users
+            and isinstance(copy.args[1], Node)
+        ):
+            dim, index = user.args[1] % val.dim(), user.args[2] % val.shape[user.args[1]]
+            if index in slots:
+                raise NotStepWrites(f"slot {index} along dim {dim} is written twice")
+            dims.add(dim)
+            slots[index] = copy.args[1]
+            copies.append(copy)
+        else:
+            readers.append(user)
+    if len(slots) < 3:
+        raise NotStepWrites("fewer than 3 slots written")
+    if len(dims) != 1:
+        raise NotStepWrites("the slots are written along different dims")
+    (dim,) = dims
+    if len(slots) != val.shape[dim]:
+        raise NotStepWrites(f"{len(slots)} of the {val.shape[dim]} slots along dim {dim} are written "
+                            "(the rest keep the buffer's initial values)")  # fmt: skip
+    last = max(order[c] for c in copies)
+    early = [r for r in readers if order[r] < last]
+    if early:
+        raise NotStepWrites(f"{early[0].name} ({early[0].target}) reads the buffer before its last write")
+    slot_shape = val.shape[:dim] + val.shape[dim + 1 :]
+    for value in slots.values():
+        written = value.meta.get("val")
+        if not isinstance(written, torch.Tensor) or written.shape != slot_shape:
+            raise NotStepWrites(f"{value.name} is broadcast into its slot (shape {tuple(getattr(written, 'shape', ()))}"
+                                f" vs {tuple(slot_shape)})")  # fmt: skip
+    return dim, [slots[j] for j in range(len(slots))], copies
+
+
+def stack_step_writes(gm: GraphModule) -> bool:
+    """Replace every buffer filled slot by slot (see the module docstring) by the stack of what was written;
+    True when the graph changed."""
+    changed = False
+    for buffer in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ALLOCS]:
+        try:
+            dim, values, copies = _writes(buffer)
+        except NotStepWrites:
+            continue
+        order = {n: j for j, n in enumerate(gm.graph.nodes)}
+        last = max(copies, key=order.__getitem__)
+        dtype = buffer.meta["val"].dtype
+        with gm.graph.inserting_after(last):
+            stacked = gm.graph.call_function(aten.stack.default, ([_cast(v, dtype, last) for v in values], dim))
+        stacked.meta = dict(last.meta)
+        stacked.meta["val"] = torch.stack([_cast_val(v, dtype) for v in values], dim)
+        for copy in copies:
+            view = copy.args[0]
+            gm.graph.erase_node(copy)
+            gm.graph.erase_node(view)
+        buffer.replace_all_uses_with(stacked)
+        gm.graph.erase_node(buffer)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _cast(value: Node, dtype: torch.dtype, before: Node) -> Node:
+    """`value` in `dtype` (copy_ casts what it writes to the buffer's dtype)."""
+    if value.meta["val"].dtype == dtype:
+        return value
+    with value.graph.inserting_before(before):
+        cast = value.graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
+    cast.meta = dict(value.meta)
+    cast.meta["val"] = _cast_val(value, dtype)
+    return cast
+
+
+def _cast_val(value: Node, dtype: torch.dtype) -> torch.Tensor:
+    val = value.meta["val"]
+    return val if val.dtype == dtype else val.to(dtype)
+
+
+def step_write_rejections(gm: GraphModule) -> list[Rejection]:
+    """A report row for every buffer still filled slot by slot (after `stack_step_writes`) with values
+    that form a recurrence: such a loop is left as written, and the row says why."""
+    found = []
+    for buffer in gm.graph.nodes:
+        if buffer.op != "call_function" or buffer.target not in _ALLOCS:
+            continue
+        order = {n: j for j, n in enumerate(gm.graph.nodes)}
+        writes = [c for u in buffer.users for c in u.users if c.target is aten.copy_.default and c.args[0] is u]
+        values = sorted({c.args[1] for c in writes if isinstance(c.args[1], Node)}, key=order.__getitem__)
+        if len(values) < 3 or not chained(values):
+            continue
+        try:
+            _writes(buffer)
+            reason = "the preallocated outputs were not turned into a stack"
+        except NotStepWrites as exc:
+            reason = str(exc)
+        found.append(Rejection("ssm_scan", f"{len(values)} steps written into a preallocated tensor", buffer,
+                               f"per-step outputs written into a preallocated tensor are fused only when every "
+                               f"slot is written once, before any read: {reason}"))  # fmt: skip
+    return found
