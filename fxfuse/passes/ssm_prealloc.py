@@ -74,12 +74,38 @@ def _writes(buffer: Node) -> tuple[int, list[Node], list[Node]]:
     if early:
         raise NotStepWrites(f"{early[0].name} ({early[0].target}) reads the buffer before its last write")
     slot_shape = val.shape[:dim] + val.shape[dim + 1 :]
+    written = _written_roots(buffer.graph)
     for value in slots.values():
-        written = value.meta.get("val")
-        if not isinstance(written, torch.Tensor) or written.shape != slot_shape:
-            raise NotStepWrites(f"{value.name} is broadcast into its slot (shape {tuple(getattr(written, 'shape', ()))}"
-                                f" vs {tuple(slot_shape)})")  # fmt: skip
+        if _root(value) in written:  # its value at the stack (after the last write) may differ from at its copy
+            raise NotStepWrites(f"{value.name} is modified in place, so its value at each write is not kept")
+        if value.meta.get("val") is None or value.meta["val"].device != val.device:
+            raise NotStepWrites(f"{value.name} is written from another device")
+        if value.meta["val"].shape != slot_shape:
+            raise NotStepWrites(f"{value.name} is broadcast into its slot (shape {tuple(value.meta['val'].shape)} vs "
+                                f"{tuple(slot_shape)})")  # fmt: skip
     return dim, [slots[j] for j in range(len(slots))], copies
+
+
+def _root(node: Node) -> Node:
+    """The tensor whose storage `node` shares: followed back through every op whose result aliases its first
+    argument (views, and in-place ops, which return what they wrote)."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        returns = node.target._schema.returns
+        if len(returns) != 1 or returns[0].alias_info is None or not isinstance(node.args[0], Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _written_roots(graph) -> set[Node]:
+    """The roots of every tensor some op of `graph` writes in place."""
+    roots = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        for arg, spec in zip(node.args, schema.arguments if schema else ()):
+            if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
+                roots.add(_root(arg))
+    return roots
 
 
 def stack_step_writes(gm: GraphModule) -> bool:

@@ -44,7 +44,7 @@ from fxfuse.passes.ssm_labels import (
     strip_moves,
 )
 from fxfuse.passes.ssm_lti import analyze_lti, decay, site_parts
-from fxfuse.passes.ssm_prealloc import step_write_rejections
+from fxfuse.passes.ssm_near import loop_reason, near_miss_rejections
 from fxfuse.passes.ssm_states import match_stacked_states
 from fxfuse.passes.verify import random_like
 
@@ -303,8 +303,9 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     except NotALoop as exc:
         if str(exc).startswith("the steps carry 2 values"):  # a complex state split into real and imaginary
             return match_split(anchor, _time_index, backend)
-        recurrent = chained(per_step_outputs(anchor)[0])
-        return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
+        outputs = per_step_outputs(anchor)[0]
+        reason = loop_reason(outputs, str(exc))
+        return Rejection("ssm_scan", "unrolled loop", anchor, reason) if chained(outputs) else None
     variant = f"{loop.length} steps"
     if complex_state(loop):
         return match_complex(loop, _time_index(loop), backend)
@@ -522,4 +523,4 @@ def find_ssm_scan(gm: GraphModule, backend: str) -> list[Site | Rejection]:
         result = match_selective_scan(node, backend)
         if result is not None:
             found.append(result)
-    return found + find_associative_scans(gm, backend) + step_write_rejections(gm)
+    return found + find_associative_scans(gm, backend) + near_miss_rejections(gm)
