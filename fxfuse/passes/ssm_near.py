@@ -2,9 +2,9 @@
 
 - `associative_scan(..., reverse=True)`: on CPU torch flips the scanned dim before its log-depth sweep and
   flips the result back; the fused scan runs forward in time only.
-- Mamba-2's SSD in its chunked form (mamba_ssm's `ssd_minimal_discrete`): exp of a masked segment sum
-  of cumulative log-decays, contracted with einsums. There is no chunked state-space-dual op; its einsums
-  already run as batched matmuls.
+- Mamba-2's SSD in its chunked form (mamba_ssm's `ssd_minimal_discrete`, Hugging Face's `Mamba2Mixer`
+  torch path): exp of a masked segment sum of log-decays, contracted with einsums or broadcast sums.
+  There is no chunked state-space-dual op; its contractions already run as batched matmuls.
 - Loops with a running maximum that rescales the state (RWKV's max-stabilised wkv): exp(x - max) makes
   the recurrence nonlinear in what it carries, so it is not a linear scan.
 """
@@ -55,24 +55,26 @@ def _is_segsum(node: Node) -> bool:
     value = node.args[2]
     if not (isinstance(value, float) and math.isinf(value) and value < 0):
         return False
-    diff = node.args[0]
-    if not isinstance(diff, Node) or diff.target is not aten.sub.Tensor:
+    summed = node.args[0]
+    if isinstance(summed, Node) and summed.target is aten.cumsum.default:  # Hugging Face: a cumsum of a masked
+        return True  # expand, Σ_{j<k<=i} a_k directly
+    if not isinstance(summed, Node) or summed.target is not aten.sub.Tensor:
         return False
-    sources = [a.args[0] if isinstance(a, Node) and a.target is aten.unsqueeze.default else None for a in diff.args]
+    sources = [a.args[0] if isinstance(a, Node) and a.target is aten.unsqueeze.default else None for a in summed.args]
     return all(isinstance(s, Node) and s.target is aten.cumsum.default for s in sources)
 
 
 def ssd_rejections(gm: GraphModule) -> list[Rejection]:
-    """One row per exp of a masked segment sum read by einsums (Mamba-2's chunked SSD)."""
+    """One row per exp of a masked segment sum (Mamba-2's chunked SSD)."""
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.exp.default or not isinstance(node.args[0], Node):
             continue
-        if _is_segsum(node.args[0]) and node.users and all(u.target is aten.einsum.default for u in node.users):
+        if _is_segsum(node.args[0]):
             found.append(Rejection("ssm_scan", "Mamba-2 SSD, chunked", node,
-                                   "exp of a masked segment sum contracted by einsums (the chunked state-space "
-                                   "dual form) is left as written: no fused op computes it, and its einsums "
-                                   "already run as batched matmuls"))  # fmt: skip
+                                   "exp of a masked segment sum of log-decays (the chunked state-space dual form) "
+                                   "is left as written: no fused op computes it, and its contractions already run "
+                                   "as batched matmuls"))  # fmt: skip
     return found
 
 
