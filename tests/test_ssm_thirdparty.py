@@ -79,6 +79,19 @@ def stacked_states(m, x, delta, B, C, h0=None):
     return (hs @ C.unsqueeze(-1)).squeeze(3) + m.D * x
 
 
+def concatenated_states(m, x, delta, B, C, decay=torch.exp):
+    """mamba.py's loop with each state unsqueezed and concatenated, the last state returned too (its pscan
+    path's `hs[:, -1]`); `decay` other than exp is a gated recurrence the op does not compute."""
+    A, delta = -torch.exp(m.A_log), F.softplus(delta)
+    delta_a, bx = decay(delta.unsqueeze(-1) * A), delta.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)
+    h, hs = torch.zeros(x.shape[0], A.shape[0], A.shape[1]), []
+    for t in range(x.shape[1]):
+        h = bx[:, t] + h * delta_a[:, t]
+        hs.append(h.unsqueeze(1))
+    hs = torch.cat(hs, 1)
+    return (hs @ C.unsqueeze(-1)).squeeze(3), hs[:, -1]
+
+
 def stacked_states_two_readers(m, x, delta, B, C):
     """mamba.py's loop, its states read twice (the readout and their mean): the scan alone is fused."""
     A, delta = -torch.exp(m.A_log), F.softplus(delta)
@@ -221,6 +234,10 @@ FUSED = {
         stacked_states, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)),
         "D skip, readout matmul, scan dim 1, loop, states stacked",
     ),
+    "mambapy-cat-unsqueezed-final-state": (
+        concatenated_states, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)),
+        "final state, readout matmul, scan dim 1, loop, states stacked",
+    ),
     "mambapy-seq-states-read-twice": (
         stacked_states_two_readers, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)),
         "elementwise, exp decay, states materialized",
@@ -286,6 +303,10 @@ LEFT_ALONE = {
     "mambapy-seq-initial-state": (
         stacked_states, _scan_params,
         lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_), _bdl(C_, N_)), "given state",
+    ),
+    "mambapy-cat-sigmoid-decay": (
+        lambda m, *xs: concatenated_states(m, *xs, decay=torch.sigmoid), _scan_params,
+        lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)), "not exp",
     ),
     "mambapy-pscan-in-place": (
         blelloch, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)), None,

@@ -45,7 +45,7 @@ from fxfuse.passes.ssm_labels import (
 )
 from fxfuse.passes.ssm_lti import analyze_lti, decay, site_parts
 from fxfuse.passes.ssm_near import loop_reason, near_miss_rejections
-from fxfuse.passes.ssm_states import match_stacked_states
+from fxfuse.passes.ssm_states import match_stacked_states, states_stacked
 from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
@@ -314,7 +314,7 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
             return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
     except NotAScan as exc:
         return Rejection("ssm_scan", f"{variant}, LTI recurrence", anchor, str(exc))
-    if loop.outputs[1] is loop.bodies[1][loop.carried]:  # the states themselves stacked (mamba.py)
+    if states_stacked(loop):  # the states themselves stacked (mamba.py)
         return match_stacked_states(loop, _time_index(loop), backend)
     try:
         found = analyze(loop)
