@@ -367,3 +367,32 @@ def test_blelloch_model_is_the_scan():
     inputs = (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_))
     want = stacked_states(model, *inputs) - model.D * inputs[0]
     torch.testing.assert_close(blelloch(model, *inputs), want, rtol=1e-5, atol=1e-5)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def ref_scan_half(m, u, delta, B, C, z):
+    """selective_scan_ref with half inputs: every input cast with .float(), the output cast back to u's dtype.
+    The scan reads u and the skip reads its cast: one leaf of the fused site, not two."""
+    out, last = ref_scan(m, _as_float(u), delta, _as_float(B), _as_float(C), _as_float(z))
+    return out.to(u.dtype), last
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mamba_ssm_ref_half_inputs_fused_with_skip_and_gate(dtype):
+    torch.manual_seed(0)
+    values = _ref_params()
+    inputs = tuple(t.to(dtype) for t in (_bdl(C_, L_), _bdl(C_, L_), _bdl(N_, L_), _bdl(N_, L_), _bdl(C_, L_)))
+    model = Recurrence(ref_scan_half, **values).eval()
+    opt = fxfuse.optimize(model, inputs, patterns=["ssm_scan"])
+    (rewrite,) = fxfuse.report(opt).rewrites
+    assert rewrite.status == "applied" and "D skip, silu(z) gate, final state" in rewrite.variant, rewrite.reason
+    with torch.no_grad():
+        got, mine = _leaves(opt(*inputs)), _leaves(model(*inputs))
+        wide = Recurrence(ref_scan_half, **{k: v.double() for k, v in values.items()})
+        want = _leaves(wide(*[x.double() for x in inputs]))
+    for g, o, w in zip(got, mine, want, strict=True):
+        assert g.dtype == o.dtype
+        assert _rel(g, w) <= max(1e-2 if g.dtype == dtype else 1e-4, 2 * _rel(o, w))
