@@ -1,6 +1,6 @@
 """Per-step outputs written into a preallocated tensor, turned into the stack the re-roll reads.
 
-Research code often spells a scan's outputs as `ys = torch.empty(...)` (or `zeros`, `empty_like`, ...) and
+Research code often spells a scan's outputs as `ys = torch.empty(...)` (or `zeros`, `full`, `empty_like`, ...) and
 `ys[:, :, t] = y_t` inside the loop. Capture records the allocation, then one `select(ys, dim, t)` and
 one `copy_` into it per step. When every index along `dim` is written exactly once, nothing reads or views
 the buffer before the last write, and each written value has the slot's shape, the buffer after the loop
@@ -21,14 +21,23 @@ from fxfuse.passes.reroll import chained
 from fxfuse.passes.site import Rejection
 
 aten = torch.ops.aten
+# fresh tensors: once every slot is written, their initial values (if any) no longer matter
 _ALLOCS = (
-    aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.zeros.default,
-    aten.zeros_like.default, aten.new_zeros.default,
+    aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default, aten.empty_strided.default,
+    aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default, aten.ones.default, aten.ones_like.default,
+    aten.full.default, aten.full_like.default, aten.new_full.default,
 )  # fmt: skip
 
 
 class NotStepWrites(Exception):
     """The buffer is not filled slot by slot as a stack would be; the message says why."""
+
+
+def _candidate(node: Node) -> bool:
+    """A cheap first look (graphs hold many allocations): a fresh tensor with >= 3 slots viewed by `select`."""
+    if node.op != "call_function" or node.target not in _ALLOCS:
+        return False
+    return sum(1 for u in node.users if u.target is aten.select.int) >= 3
 
 
 def _writes(buffer: Node) -> tuple[int, list[Node], list[Node]]:
@@ -112,7 +121,7 @@ def stack_step_writes(gm: GraphModule) -> bool:
     """Replace every buffer filled slot by slot (see the module docstring) by the stack of what was written;
     True when the graph changed."""
     changed = False
-    for buffer in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ALLOCS]:
+    for buffer in [n for n in gm.graph.nodes if _candidate(n)]:
         try:
             dim, values, copies = _writes(buffer)
         except NotStepWrites:
@@ -158,7 +167,7 @@ def step_write_rejections(gm: GraphModule) -> list[Rejection]:
     that form a recurrence: such a loop is left as written, and the row says why."""
     found = []
     for buffer in gm.graph.nodes:
-        if buffer.op != "call_function" or buffer.target not in _ALLOCS:
+        if not _candidate(buffer):
             continue
         order = {n: j for j, n in enumerate(gm.graph.nodes)}
         writes = [c for u in buffer.users for c in u.users if c.target is aten.copy_.default and c.args[0] is u]
