@@ -206,6 +206,34 @@ def rwkv_wkv(m, k, v):
     return torch.stack(outs, 1)
 
 
+def s4d_recurrent(m, u):
+    """S4D in recurrent mode as state-spaces/s4 (models/s4/s4d.py) discretizes it (ZOH, complex diagonal A),
+    stepped over time, read out with a complex einsum and 2·Re as in mamba_ssm's complex selective_scan_ref."""
+    A = -torch.exp(m.log_A_real) + 1j * m.A_imag
+    dA = torch.exp(torch.exp(m.log_dt)[:, None] * A)
+    dB = (dA - 1.0) / A * torch.complex(m.B_re, m.B_im)
+    C = torch.complex(m.C_re, m.C_im)
+    h, ys = torch.zeros(u.shape[0], *A.shape, dtype=dA.dtype), []
+    for t in range(u.shape[-1]):
+        h = dA * h + dB * u[:, :, t, None]
+        ys.append(torch.einsum("bhn,hn->bh", h, C).real * 2)
+    return torch.stack(ys, -1)
+
+
+def _s4d_params():
+    complex_parts = {k: torch.randn(CHANNELS, STATE) for k in ("A_imag", "B_re", "B_im", "C_re", "C_im")}
+    return {"log_dt": torch.rand(CHANNELS) * -3, "log_A_real": torch.randn(CHANNELS, STATE) * 0.3, **complex_parts}
+
+
+def lti_ellipsis_readout(m, x):
+    """An LTI loop (LRU-style real decay) read out by an einsum with an ellipsis: not batched over time."""
+    a, h, ys = torch.exp(-torch.exp(m.nu)), torch.zeros(x.shape[0], STATE), []
+    for t in range(x.shape[1]):
+        h = a * h + x[:, t] @ m.B
+        ys.append(torch.einsum("...n,dn->...d", h, m.C))
+    return torch.stack(ys, 1)
+
+
 def _bdl(*shape):
     return torch.randn(BATCH, *shape)
 
@@ -241,6 +269,9 @@ FUSED = {
     "mambapy-seq-states-read-twice": (
         stacked_states_two_readers, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)),
         "elementwise, exp decay, states materialized",
+    ),
+    "s4d-recurrent-einsum-readout": (
+        s4d_recurrent, _s4d_params, lambda: (_bdl(C_, L_),), "LTI, complex state, input terms hoisted, 3-op readout",
     ),
     "prealloc-empty-like": (
         preallocated, _scan_params, lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)),
@@ -307,6 +338,10 @@ LEFT_ALONE = {
     "mambapy-cat-sigmoid-decay": (
         lambda m, *xs: concatenated_states(m, *xs, decay=torch.sigmoid), _scan_params,
         lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)), "not exp",
+    ),
+    "lti-einsum-ellipsis-readout": (
+        lti_ellipsis_readout, lambda: {"nu": torch.randn(N_), "B": torch.randn(5, N_), "C": torch.randn(C_, N_)},
+        lambda: (_bdl(L_, 5),), "not one the scan applies to all steps at once",
     ),
     "mambapy-pscan-in-place": (
         blelloch, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)), None,
