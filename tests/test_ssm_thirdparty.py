@@ -158,6 +158,21 @@ def preallocated_inplace_state(m, u, delta, B, C):
     return (hs * C[:, None]).sum(-1)
 
 
+def growing_cat(m, u, delta, B, C, in_place=False):
+    """Outputs grown by `ys = torch.cat([ys, y], -1)` from an empty start (research code's other spelling);
+    `in_place`: the state updated in place and the state itself concatenated (each piece aliases one h)."""
+    discrete_a, b_u = _decays(m, u, delta, B)
+    h, ys = torch.zeros(u.shape[0], u.shape[1], STATE), torch.empty(u.shape[0], u.shape[1], 0)
+    for i in range(u.shape[2]):
+        if in_place:
+            h.mul_(discrete_a[:, :, i]).add_(b_u[:, :, i])
+            ys = h[..., None] if i == 0 else torch.cat([ys, h[..., None]], dim=-1)
+        else:
+            h = discrete_a[:, :, i] * h + b_u[:, :, i]
+            ys = torch.cat([ys, (h * C[:, i, None]).sum(-1, keepdim=True)], dim=-1)
+    return (ys * C.transpose(1, 2)[:, None]).sum(-2) if in_place else ys
+
+
 def _linear(left, right):
     return left[0] * right[0], right[0] * left[1] + right[1]
 
@@ -270,6 +285,10 @@ FUSED = {
         stacked_states_two_readers, _scan_params, lambda: (_bdl(L_, C_), _bdl(L_, C_), _bdl(L_, N_), _bdl(L_, N_)),
         "elementwise, exp decay, states materialized",
     ),
+    "growing-cat-from-empty": (
+        growing_cat, _scan_params, lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)),
+        "readout sum, time dim 2",
+    ),
     "s4d-recurrent-einsum-readout": (
         s4d_recurrent, _s4d_params, lambda: (_bdl(C_, L_),), "LTI, complex state, input terms hoisted, 3-op readout",
     ),
@@ -358,6 +377,10 @@ LEFT_ALONE = {
         preallocated_inplace_state, _scan_params,
         lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)), "modified in place",
     ),
+    "growing-cat-in-place-state": (
+        lambda m, *xs: growing_cat(m, *xs, in_place=True), _scan_params,
+        lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)), None,
+    ),
     "assoc-scan-reverse": (
         reversed_assoc, _scan_params, lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)),
         "forward in time only",
@@ -391,6 +414,27 @@ def test_third_party_near_miss_left_alone(name):
         assert rejected and all(reason in r.reason for r in rejected), str(rep)
     with torch.no_grad():
         got, want = _leaves(opt(*inputs)), _leaves(model(*inputs))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["prealloc-empty-like", "prealloc-in-place-state", "growing-cat-from-empty", "growing-cat-in-place-state"]
+)
+def test_canonical_graph_keeps_every_number(name):
+    """Turning slot writes and growing cats into one stack / cat must not move a bit, whether or not a scan
+    is fused afterwards (another family's rewrite runs the canonical graph too): with the state updated in
+    place, reading the pieces after the loop would see its last value."""
+    from fxfuse.passes.canonicalize import canonicalize
+    from fxfuse.passes.capture import capture_graphs
+
+    fn, params, make_inputs, _ = {**FUSED, **LEFT_ALONE}[name]
+    torch.manual_seed(0)
+    model, inputs = Recurrence(fn, **params()).eval(), make_inputs()
+    ((gm, example),) = capture_graphs(model, inputs)
+    gm = canonicalize(gm).graph_module
+    with torch.no_grad():
+        got, want = _leaves(gm(*example)), _leaves(model(*inputs))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 

@@ -183,3 +183,58 @@ def step_write_rejections(gm: GraphModule) -> list[Rejection]:
                                f"per-step outputs written into a preallocated tensor are fused only when every "
                                f"slot is written once, before any read: {reason}"))  # fmt: skip
     return found
+
+
+def _cat_dim(node: Node) -> int | None:
+    """The normalized dim of a `cat` node, or None for any other node."""
+    if node.op != "call_function" or node.target is not aten.cat.default or not isinstance(node.args[0], list):
+        return None
+    val = node.meta.get("val")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % val.dim() if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def flatten_growing_cats(gm: GraphModule) -> bool:
+    """`ys = torch.cat([ys, y_t], dim)` in a loop captures as a chain of two-operand cats: each cat whose
+    first operand is a cat along the same dim that nothing else reads takes that cat's operands instead
+    (concatenation is associative), and operands with no slot along dim and the result's dtype (an empty
+    start, `torch.empty(b, d, 0)`) are dropped, so the re-roll sees one cat of the per-step outputs.
+    True when the graph changed."""
+    changed, written = False, None
+    for node in list(gm.graph.nodes):
+        dim = _cat_dim(node)
+        if dim is None:
+            continue
+        tensors = list(node.args[0])
+        inner = tensors[0]
+        if isinstance(inner, Node) and _cat_dim(inner) == dim and len(inner.users) == 1 and _same_kind(inner, node):
+            written = _written_roots(gm.graph) if written is None else written
+            # the merged cat reads the inner operands later: none may be written in place in between
+            if not any(isinstance(t, Node) and _root(t) in written for t in inner.args[0]):
+                tensors = list(inner.args[0]) + tensors[1:]
+        kept = [t for t in tensors if not _empty_slot(t, node, dim)]
+        if kept != list(node.args[0]) and kept:
+            node.args = (kept, dim, *node.args[2:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dim"}
+            if not inner.users:
+                gm.graph.erase_node(inner)
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _same_kind(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    both = isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+    return both and (va.dtype, va.device) == (vb.dtype, vb.device)
+
+
+def _empty_slot(t: object, cat: Node, dim: int) -> bool:
+    """Whether `t` adds nothing to `cat` along dim and dropping it keeps the result's dtype."""
+    val, out = getattr(t, "meta", {}).get("val"), cat.meta["val"]
+    return (
+        isinstance(val, torch.Tensor) and val.dim() == out.dim() and val.shape[dim] == 0 and val.dtype == out.dtype
+        and all(s == o for j, (s, o) in enumerate(zip(val.shape, out.shape)) if j != dim)
+    )  # fmt: skip
