@@ -1,4 +1,5 @@
-"""Per-step outputs written into a preallocated tensor, turned into the stack the re-roll reads.
+"""Per-step outputs gathered into a preallocated tensor or a growing `cat`, turned into the one stack / cat
+the re-roll reads (run by `passes/canonicalize.py`: both rewrites compute the very same numbers).
 
 Research code often spells a scan's outputs as `ys = torch.empty(...)` (or `zeros`, `full`, `empty_like`, ...) and
 `ys[:, :, t] = y_t` inside the loop. Capture records the allocation, then one `select(ys, dim, t)` and
@@ -10,6 +11,9 @@ are replaced by that stack, which `passes/ssm_scan.py` then re-rolls like any ot
 Anything else (steps skipped, a slot written twice, the buffer read mid-loop, a write that broadcasts) is
 left as captured; when the written values form a recurrence the scan family reports why
 (`step_write_rejections`).
+
+`ys = torch.cat([ys, y_t], dim)` captures as a chain of two-operand cats, flattened into one
+(`flatten_growing_cats`) unless a piece is written in place before the merged cat would read it.
 """
 
 from __future__ import annotations
