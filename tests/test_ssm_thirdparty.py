@@ -148,6 +148,17 @@ def preallocated_time_major(m, u, delta, B, C):
     return ys
 
 
+def preallocated_backwards(m, u, delta, B, C):
+    """The loop run backwards over time, each output written into its own slot: the stacked order is the
+    reverse of the recurrence's."""
+    discrete_a, b_u = _decays(m, u, delta, B)
+    h, ys = torch.zeros(u.shape[0], u.shape[1], STATE), torch.empty_like(u)
+    for i in reversed(range(u.shape[2])):
+        h = discrete_a[:, :, i] * h + b_u[:, :, i]
+        ys[:, :, i] = (h * C[:, i, None]).sum(-1)
+    return ys
+
+
 def preallocated_inplace_state(m, u, delta, B, C):
     """States updated in place and written into a buffer, `hs[:, :, i] = h`: every slot aliases one h."""
     discrete_a, b_u = _decays(m, u, delta, B)
@@ -368,6 +379,10 @@ LEFT_ALONE = {
     "prealloc-read-mid-loop": (
         lambda m, *xs: preallocated(m, *xs, kind="read-mid-loop"), _scan_params,
         lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)), "before its last write",
+    ),
+    "prealloc-backwards-loop": (
+        preallocated_backwards, _scan_params, lambda: (_bdl(C_, L_), _bdl(C_, L_), _bdl(L_, N_), _bdl(L_, N_)),
+        "reverse time order",
     ),
     "prealloc-in-place-state": (
         preallocated_inplace_state, _scan_params,

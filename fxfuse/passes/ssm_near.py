@@ -16,7 +16,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from fxfuse.passes.reroll import _bodies
+from fxfuse.passes.reroll import _bodies, chained
 from fxfuse.passes.site import Rejection
 
 aten = torch.ops.aten
@@ -78,9 +78,15 @@ def ssd_rejections(gm: GraphModule) -> list[Rejection]:
     return found
 
 
-def loop_reason(outputs: list[Node], reason: str) -> str:
+def loop_reason(outputs: list[Node], reason: str) -> str | None:
     """The report's reason for an unrolled loop the re-roll rejected: named when it is a max-stabilised
-    recurrence (a running maximum in the step), else `reason` unchanged."""
+    recurrence (a running maximum in the step) or runs backwards over the stacked order, else `reason`;
+    None when the stacked outputs are no recurrence at all (no row)."""
+    if not chained(outputs):
+        if not chained(outputs[::-1]):
+            return None
+        return ("the per-step outputs are stacked in reverse time order (a loop run backwards, or slots written "
+                "from the end): the fused scan runs forward in time only")  # fmt: skip
     steps = _bodies(outputs[:3])
     if any(n.target in (aten.maximum.default, aten.max.other, aten.clamp_min.Tensor) for n in steps[2]):
         return ("the step keeps a running maximum that rescales the state (a max-stabilised exp, as RWKV's "

@@ -28,7 +28,7 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
+from fxfuse.passes.reroll import Loop, NotALoop, find_loop, per_step_outputs
 from fxfuse.passes.rewrite import region_of
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_complex import complex_state, match_complex, match_split
@@ -305,7 +305,7 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
             return match_split(anchor, _time_index, backend)
         outputs = per_step_outputs(anchor)[0]
         reason = loop_reason(outputs, str(exc))
-        return Rejection("ssm_scan", "unrolled loop", anchor, reason) if chained(outputs) else None
+        return None if reason is None else Rejection("ssm_scan", "unrolled loop", anchor, reason)
     variant = f"{loop.length} steps"
     if complex_state(loop):
         return match_complex(loop, _time_index(loop), backend)
