@@ -47,23 +47,30 @@ def test_lru_graph_has_no_step_left():
 
 
 class EinsumInputLRU(type(make_lru_loop(3)[0])):
-    """The input projected by an einsum, which is not run over all steps at once: the L terms are stacked."""
+    """The input projected by an einsum: with an explicit output it runs over all steps at once (a time letter
+    added); with an ellipsis it does not, and the L per-step terms are stacked."""
+
+    equation = "bi,in->bn"
 
     def forward(self, x, h0):
         a = torch.exp(-torch.exp(self.nu_log))
         h, ys = h0, []
         for t in range(x.shape[1]):
-            h = h * a + torch.einsum("bi,in->bn", x[:, t], self.B)
+            h = h * a + torch.einsum(self.equation, x[:, t], self.B)
             ys.append(h @ self.C)
         return torch.stack(ys, dim=0), h
 
 
-def test_per_step_inputs_stacked_and_verified():
-    model, inputs = make_lru_loop(16)
+@pytest.mark.parametrize(
+    "equation, inputs_as", [("bi,in->bn", "input terms hoisted"), ("...i,in->...n", "per-step inputs stacked")]
+)
+def test_einsum_input_terms_verified(equation, inputs_as):
+    _, inputs = make_lru_loop(16)
     model = EinsumInputLRU().eval()
+    model.equation = equation
     opt = fxfuse.optimize(model.train(), inputs)
     site = _applied(opt)
-    assert site.variant.startswith("16 steps → 1 scan, LTI, constant decay exp(z), per-step inputs stacked")
+    assert site.variant.startswith(f"16 steps → 1 scan, LTI, constant decay exp(z), {inputs_as}")
     assert site.variant.endswith("time dim 0")
     _check_against_float64(model, inputs, opt)
 

@@ -323,8 +323,12 @@ def _insert_valued(before: Node, target, args: tuple) -> Node:
 
 
 def canonicalize(gm: GraphModule) -> PassResult:
-    """Apply `RULES` until nothing changes; nodes left without users by a rule are erased."""
-    modified = False
+    """Apply `RULES` until nothing changes; nodes left without users by a rule are erased. Loop outputs
+    written into a preallocated tensor slot by slot, or grown by `cat`, first become the one stack / cat
+    they equal."""
+    from fxfuse.passes.ssm_prealloc import flatten_growing_cats, stack_step_writes
+
+    modified = stack_step_writes(gm) | flatten_growing_cats(gm)
     for _ in range(8):
         changed, al = False, _Aliasing(gm)
         for node in list(gm.graph.nodes):

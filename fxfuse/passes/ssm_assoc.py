@@ -32,7 +32,6 @@ from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_labels import PASS_THROUGH, NotAScan, factors, output_labels, shape, strip_moves
 from fxfuse.passes.ssm_scan import (
     SCAN_TOLERANCE,
-    Tail,
     _arrange,
     _backend_name,
     _call,
@@ -41,8 +40,8 @@ from fxfuse.passes.ssm_scan import (
     _rename_axes,
     _split,
     _to_layout,
-    skip_and_gate,
 )
+from fxfuse.passes.ssm_tail import Tail, skip_and_gate
 from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
@@ -336,7 +335,7 @@ def analyze(hs: Node, a: Node, b: Node, dim: int) -> dict:
 
 
 def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: str) -> Site:
-    """The scan with the Mamba block's D skip and silu(z) gate after its readout moved in (passes/ssm_scan.py's
+    """The scan with the Mamba block's D skip and silu(z) gate after its readout moved in (passes/ssm_tail.py's
     `skip_and_gate`), or without them where their inputs come from the region itself."""
     fused = _site_with(found, front, length, dim, backend, form, skip_and_gate(found["out"], found["stacked"],
                                                                                found["sizes"]))  # fmt: skip
@@ -348,6 +347,7 @@ def _site(found: dict, front: Node, length: int, dim: int, backend: str, form: s
 def _site_with(found: dict, front: Node, length: int, dim: int, backend: str, form: str, tail: Tail) -> Site:
     parts, sizes, finals = found["parts"], found["sizes"], found["finals"]
     leaves = list(dict.fromkeys(leaf for part in parts.values() for leaf, _ in part.leaves))
+    tail = tail.reading(leaves)
     inputs = list(dict.fromkeys(leaves + tail.inputs))
     extra = finals[:1]
     out_val = tail.output.meta["val"]

@@ -20,6 +20,7 @@ readouts that read another step's state or a per-step input, steps that compute 
 from __future__ import annotations
 
 import operator
+import string
 
 import torch
 from torch.fx import Graph, Node
@@ -111,6 +112,8 @@ def _check_batchable(node: Node, x: Node) -> None:
         return  # a dim >= 0 moves by one (`_replay`)
     if t is aten.sum.dim_IntList and node.args[0] is x and isinstance(node.args[1], (list, tuple)) and node.args[1]:
         return  # dims >= 0 move by one; a sum over every dim (dims None or []) would sum over time too
+    if t is aten.einsum.default and _einsum_over_time(node, x) is not None:
+        return  # S4D's / mamba_ssm's complex readout einsum("bhn,hn->bh", h, C): a time letter added
     raise NotAScan(f"the readout op {node.name} ({t}) is not one the scan applies to all steps at once")
 
 
@@ -195,6 +198,21 @@ def _float(graph: Graph, x: Node, node: Node) -> Node:
     return _call(graph, aten._to_copy.default, x, dtype=torch.float32)
 
 
+def _einsum_over_time(op: Node, x: Node) -> str | None:
+    """The equation of einsum `op` with a new leading letter on `x`'s operands and on the output (time
+    leading), or None when the equation is implicit, uses an ellipsis or has no letter left."""
+    equation, operands = op.args[0].replace(" ", ""), op.args[1]
+    if "->" not in equation or "." in equation or not isinstance(operands, (list, tuple)):
+        return None
+    inputs, output = equation.split("->")
+    subscripts = inputs.split(",")
+    free = [c for c in string.ascii_letters if c not in equation]
+    if len(subscripts) != len(operands) or not free:
+        return None
+    subscripts = [free[0] + s if a is x else s for s, a in zip(subscripts, operands)]
+    return ",".join(subscripts) + "->" + free[0] + output
+
+
 def _replay(graph: Graph, op: Node, state: Node, x: Node, env: dict) -> Node:
     """`op` with its operand `state` replaced by the time-batched `x`, loop invariants read from `env`."""
 
@@ -211,6 +229,8 @@ def _replay(graph: Graph, op: Node, state: Node, x: Node, env: dict) -> Node:
         args = (args[0], args[1] + 1)
     if op.target is aten.sum.dim_IntList:
         args = (args[0], [d + 1 if d >= 0 else d for d in args[1]], *args[2:])
+    if op.target is aten.einsum.default:
+        args = (_einsum_over_time(op, state), *args[1:])
     target = aten.matmul.default if op.target is aten.mm.default else op.target
     return graph.call_function(target, args, kwargs)
 

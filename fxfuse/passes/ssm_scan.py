@@ -24,12 +24,11 @@ decays that are not exp of a (channel, state) × (batch, channel, time) product,
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from fxfuse.passes.reroll import Loop, NotALoop, chained, find_loop, per_step_outputs
+from fxfuse.passes.reroll import Loop, NotALoop, find_loop, per_step_outputs
 from fxfuse.passes.rewrite import region_of
 from fxfuse.passes.site import Rejection, Site
 from fxfuse.passes.ssm_complex import complex_state, match_complex, match_split
@@ -44,6 +43,9 @@ from fxfuse.passes.ssm_labels import (
     strip_moves,
 )
 from fxfuse.passes.ssm_lti import analyze_lti, decay, site_parts
+from fxfuse.passes.ssm_near import loop_reason, near_miss_rejections
+from fxfuse.passes.ssm_states import match_stacked_states, states_stacked
+from fxfuse.passes.ssm_tail import Tail, skip_and_gate
 from fxfuse.passes.verify import random_like
 
 aten = torch.ops.aten
@@ -301,8 +303,9 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     except NotALoop as exc:
         if str(exc).startswith("the steps carry 2 values"):  # a complex state split into real and imaginary
             return match_split(anchor, _time_index, backend)
-        recurrent = chained(per_step_outputs(anchor)[0])
-        return Rejection("ssm_scan", "unrolled loop", anchor, str(exc)) if recurrent else None
+        outputs = per_step_outputs(anchor)[0]
+        reason = loop_reason(outputs, str(exc))
+        return None if reason is None else Rejection("ssm_scan", "unrolled loop", anchor, reason)
     variant = f"{loop.length} steps"
     if complex_state(loop):
         return match_complex(loop, _time_index(loop), backend)
@@ -311,6 +314,8 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
             return _lti_site(loop, analyze_lti(loop, _time_index(loop)), backend)
     except NotAScan as exc:
         return Rejection("ssm_scan", f"{variant}, LTI recurrence", anchor, str(exc))
+    if states_stacked(loop):  # the states themselves stacked (mamba.py)
+        return match_stacked_states(loop, _time_index(loop), backend)
     try:
         found = analyze(loop)
     except NotAScan as exc:
@@ -323,6 +328,7 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     extra = [last] if any(u not in inside for u in last.users) else []
 
     def site(tail: Tail) -> Site:
+        tail = tail.reading(leaves)
         inputs = list(dict.fromkeys(leaves + ([init] if init is not None else []) + tail.inputs))
         wide = any(n.meta["val"].dtype == torch.float64 for n in leaves + tail.inputs)
         state = torch.float64 if wide else torch.float32
@@ -360,114 +366,6 @@ def match_selective_scan(anchor: Node, backend: str) -> Site | Rejection | None:
     fused = site(skip_and_gate(anchor, found["stacked"], sizes))
     # the skip's or gate's inputs computed from the loop's own values: the tail stays a graph op
     return fused if fused.output is anchor or not isinstance(region_of(fused), str) else site(Tail(anchor))
-
-
-@dataclass
-class Tail:
-    """What of the Mamba block's (y + u * D) * silu(z) follows a scan's stacked readout y and moves into the op."""
-
-    output: Node  # the last node absorbed (y itself when none): its users read the op's output
-    u: Node | None = None  # the skip's input, laid out as y
-    D: Node | None = None  # the per-channel weight, broadcast over batch and time
-    z: Node | None = None  # the gate's input, laid out as y
-
-    @property
-    def inputs(self) -> list[Node]:
-        return [n for n in (self.u, self.D, self.z) if n is not None]
-
-    @property
-    def parts(self) -> list[str]:
-        return (["D skip"] if self.D is not None else []) + (["silu(z) gate"] if self.z is not None else [])
-
-    def op_args(self, graph: Graph, env: dict, stacked: tuple, sizes: dict) -> list[Node | None]:
-        """The op's (D [D], z, u [B, D, L]) arguments; none for a bare scan."""
-        if not self.inputs:
-            return []
-        D = _call(graph, aten.reshape.default, env[self.D], [sizes["d"]]) if self.D is not None else None
-        z, u = (_from_layout(graph, env[n], stacked, sizes) if n is not None else None for n in (self.z, self.u))
-        return [D, z, u]
-
-
-def skip_and_gate(y: Node, stacked: tuple, sizes: dict) -> Tail:
-    """The D skip y + u * D and then the gate y * silu(z) after the readout y (labels `stacked`), each taken
-    when it is the only use of what comes before it (through float casts): otherwise that value is needed."""
-    tail = Tail(y)
-    if sorted(lab for lab in stacked if lab is not None) != ["b", "d", "l"]:
-        return tail
-    skip = _skip(_past_casts(y), stacked.index("d"), sizes["d"])
-    if skip is not None:
-        tail.output, tail.u, tail.D = skip
-    gate = _gate(_past_casts(tail.output))
-    if gate is not None:
-        tail.output, tail.z = gate
-    return tail
-
-
-def _only_user(node: Node) -> Node | None:
-    user = next(iter(node.users)) if len(node.users) == 1 else None
-    return user if user is not None and user.op == "call_function" and _is_float(user) else None
-
-
-def _is_float(node: object) -> bool:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
-
-
-def _past_casts(node: Node) -> Node:
-    """The last of the float casts and copies that are all `node`'s uses, one after the other."""
-    while (user := _only_user(node)) is not None and user.target in PASS_THROUGH:
-        node = user
-    return node
-
-
-def _skip(y: Node, channel: int, channels: int) -> tuple[Node, Node, Node] | None:
-    """y + u * D (either operand order), D per channel and u shaped as y -> (the add, u, D)."""
-    add = _only_user(y)
-    if add is None or add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or shape(add) != shape(y):
-        return None
-    prod = add.args[1] if add.args[0] is y else add.args[0]
-    if prod is y or not isinstance(prod, Node) or prod.target is not aten.mul.Tensor or len(prod.users) != 1:
-        return None
-    for u, D in (prod.args, prod.args[::-1]):
-        if _is_float(u) and _is_float(D) and shape(u) == shape(y) and _per_channel(shape(D), len(shape(y)), channel,
-                                                                                     channels):  # fmt: skip
-            return add, u, D
-    return None
-
-
-def _per_channel(d_shape: tuple, rank: int, channel: int, channels: int) -> bool:
-    """Whether a tensor of d_shape broadcasts against rank-`rank` y along its channel axis only."""
-    if len(d_shape) > rank:
-        return False
-    aligned = (1,) * (rank - len(d_shape)) + d_shape
-    return aligned[channel] == channels and all(s == 1 for k, s in enumerate(aligned) if k != channel)
-
-
-def _gate(y: Node) -> tuple[Node, Node] | None:
-    """y * silu(z), silu spelled F.silu or z * sigmoid(z), z shaped as y -> (the product, z)."""
-    mul = _only_user(y)
-    if mul is None or mul.target is not aten.mul.Tensor or shape(mul) != shape(y):
-        return None
-    g = mul.args[1] if mul.args[0] is y else mul.args[0]
-    if g is y or not isinstance(g, Node) or len(g.users) != 1:
-        return None
-    z = None
-    if g.target is aten.silu.default:
-        z = g.args[0]
-    elif g.target is aten.mul.Tensor:
-        for x, s in (g.args, g.args[::-1]):
-            if isinstance(s, Node) and s.target is aten.sigmoid.default and s.args[0] is x and len(s.users) == 1:
-                z = x
-    return (mul, z) if _is_float(z) and shape(z) == shape(y) else None
-
-
-def _from_layout(graph: Graph, x: Node, have: tuple, sizes: dict) -> Node:
-    """x laid out as the stacked readout (labels `have`, None = size 1) -> [B, D, L]."""
-    kept = [lab for lab in have if lab is not None]
-    if len(kept) != len(have):
-        x = _call(graph, aten.reshape.default, x, [sizes[lab] for lab in kept])
-    order = [kept.index(lab) for lab in "bdl"]
-    return x if order == [0, 1, 2] else _call(graph, aten.permute.default, x, order)
 
 
 def _lti_site(loop: Loop, found: dict, backend: str) -> Site:
@@ -518,4 +416,4 @@ def find_ssm_scan(gm: GraphModule, backend: str) -> list[Site | Rejection]:
         result = match_selective_scan(node, backend)
         if result is not None:
             found.append(result)
-    return found + find_associative_scans(gm, backend)
+    return found + find_associative_scans(gm, backend) + near_miss_rejections(gm)
