@@ -18,8 +18,9 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_layout import Operand, peel, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.linear_attention import _roles, _row_sum_of, read_weights
+from fxfuse.passes.linear_attention import _roles
 from fxfuse.passes.linear_attention_site import Roles, Weights, is_call
+from fxfuse.passes.linear_attention_weights import read_weights, row_sum_of
 
 aten = torch.ops.aten
 _ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
@@ -204,7 +205,7 @@ def _read_normaliser(chunk: Chunk, den: Node, scores: Node) -> str | None:
         den, eps = den.args[0], float(den.args[1])
     if not is_call(den, aten.add.Tensor) or not all(isinstance(a, Node) for a in den.args):
         return "the normaliser is not the intra row sum plus q times a key-sum state"
-    sums = [(_row_sum_of(rows, scores), inter) for rows, inter in (den.args, den.args[::-1])]
+    sums = [(row_sum_of(rows, scores), inter) for rows, inter in (den.args, den.args[::-1])]
     sums = [(found, inter) for found, inter in sums if isinstance(found, tuple)]
     if not sums:
         return "the normaliser is not the intra row sum plus q times a key-sum state"

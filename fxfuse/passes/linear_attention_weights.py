@@ -1,0 +1,212 @@
+"""Linear attention: what the score matrix goes through between the two products, read as the fused op's
+weights — scale, a causal 0/1 mask or decay gamma_h^(i - j) (constants, evaluated), a row normaliser, a
+Taylor expansion of exp — or the reason the op cannot express it."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.attention_layout import val
+from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.buffer_values import buffer_seed, buffers_read
+from fxfuse.passes.linear_attention_site import Weights, is_call
+
+aten = torch.ops.aten
+_DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
+
+
+def peel_eps(den: Node) -> tuple[Node, str, float] | None:
+    """`den` as (x, "eps", eps) for x + eps (either order), (x, "clamp", eps) for x.clamp(min=eps), (den, "eps",
+    0.0) otherwise; None when the clamp also bounds from above (no row normaliser the op knows)."""
+    if is_call(den, aten.add.Tensor) and den.kwargs.get("alpha", 1) == 1 and any(
+            isinstance(a, (int, float)) for a in den.args[:2]):  # fmt: skip
+        number = 1 if isinstance(den.args[1], (int, float)) else 0
+        return den.args[1 - number], "eps", float(den.args[number])
+    if is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
+        if len(den.args) > 2 and den.args[2] is not None:
+            return None
+        return den.args[0], "clamp", float(den.args[1])
+    return den, "eps", 0.0
+
+
+def row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
+    """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
+    is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
+    den, added = _strip_last_axis(den, s)
+    peeled = peel_eps(den)
+    if peeled is None:
+        return _abs_sum_reason(den, s) or "the normaliser is clamped from above"
+    den, mode, eps = peeled
+    if not added:
+        den, added = _strip_last_axis(den, s)
+    if not is_call(den, aten.sum.dim_IntList):
+        return None
+    if _abs_sum_reason(den, s):
+        return _abs_sum_reason(den, s)
+    if den.args[0] is not s:
+        return None
+    keep = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
+    dims = [d % val(s).dim() for d in den.args[1]]
+    if dims != [val(s).dim() - 1] or keep == added:  # s.sum(-1, keepdim=True), or s.sum(-1)[..., None]
+        return "the normaliser is not a sum over the key axis (row sum)"
+    return mode, eps
+
+
+def _strip_last_axis(den: Node, s: Node) -> tuple[Node, bool]:
+    """(x, True) when `den` is x.unsqueeze(-1) putting back the key axis of the scores `s` (z[..., None] of
+    z = s.sum(-1)), else (den, False)."""
+    if is_call(den, aten.unsqueeze.default) and val(s) is not None and val(den).dim() == val(s).dim():
+        if den.args[1] % val(den).dim() == val(den).dim() - 1:
+            return den.args[0], True
+    return den, False
+
+
+def _abs_sum_reason(den: Node, s: Node) -> str | None:
+    """Why not, when `den` sums |s| (maybe detached, clamped from both sides: torchscale's retention)."""
+    peeled = den.args[0] if is_call(den, aten.clamp.default, aten.clamp_min.default) else den
+    if not is_call(peeled, aten.sum.dim_IntList):
+        return None
+    inner = peeled.args[0]
+    if not is_call(inner, aten.abs.default):
+        return None
+    inner = inner.args[0]
+    while is_call(inner, aten.detach.default, aten.alias.default):
+        inner = inner.args[0]
+    return "the normaliser sums |scores| (retention's abs-sum): not linearisable" if inner is s else None
+
+
+def divided(node: Node) -> list[tuple[Node, Node]]:
+    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x,
+    x * den ** -1 (`1 / den` reaches the graph as reciprocal(den))."""
+    if is_call(node, aten.div.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
+        return [(node.args[0], node.args[1])]
+    if not is_call(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
+        return []
+    a, b = node.args[:2]
+    return [(x, reciprocal_of(r)) for x, r in ((a, b), (b, a)) if reciprocal_of(r) is not None]
+
+
+def reciprocal_of(node: Node) -> Node | None:
+    """x when `node` is 1 / x: reciprocal(x) (also how `1 / x` reaches the graph) or x ** -1."""
+    if is_call(node, aten.reciprocal.default):
+        return node.args[0]
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == -1:
+        return node.args[0]
+    return None
+
+
+def normaliser(w: Node) -> tuple[Node, str, float] | str | None:
+    """(scores, normalize, eps) for W = S / rowsum(S)... or S * (1 / rowsum(S)...), (W, "none", 0) for
+    anything else."""
+    for x, den in divided(w):
+        found = row_sum_of(den, x)
+        if isinstance(found, str):
+            return found
+        if found is not None:
+            return x, *found
+    return w, "none", 0.0
+
+
+def _decay_of(mask: torch.Tensor, heads: int, rtol: float) -> tuple[list[float] | None] | str:
+    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j) up to rtol, else why not."""
+    n = mask.shape[-1]
+    if mask.dim() < 2 or mask.shape[-2] != n:
+        return "the mask is not square"
+    flat = mask.double().reshape(-1, n, n)
+    if flat.shape[0] not in (1, heads):
+        return "the mask varies along a batch axis"
+    i = torch.arange(n, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]
+    gamma = flat[:, 1, 0] if n > 1 else torch.ones(flat.shape[0], dtype=torch.float64)
+    want = torch.where(dist >= 0, gamma.view(-1, 1, 1) ** dist.clamp(min=0), 0.0)
+    if not bool(torch.isclose(flat, want, rtol=rtol, atol=1e-30).all()):
+        return "the mask is not causal-structured (a lower-triangular 0/1 mask or a decay gamma^(i - j))"
+    if bool((gamma == 1).all()):
+        return (None,)
+    if bool((gamma < 0).any()):
+        return "the decay factors are negative"
+    return ([float(g) for g in gamma],)
+
+
+def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
+    """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
+    scale, causal mask and decay, or why they are not."""
+    out, mask, rtol = Weights(), None, _DECAY_RTOL
+    for t in terms:
+        if t.kind == "cast":
+            continue
+        if t.kind == "scale":
+            out.scale *= t.value
+            if t.const is not None:
+                out.constants[t.const] = constant_value(t.const)
+            continue
+        if t.kind == "bias":
+            return "a bias is added to the scores: not linearisable"
+        if t.kind == "mask" and t.value != 0.0:
+            return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
+        if t.kind not in ("temperature", "mask") or t.negate:
+            return "the scores go through an op the fused op cannot express"
+        const = constant_value(t.node)
+        if const is None:
+            # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
+            seed = buffer_seed(t.node.graph.owning_module)
+            const = constant_value(t.node, dict(seed)) if seed else None
+            if const is None:
+                return (
+                    "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
+                )
+            out.buffers += [b for b in buffers_read(t.node, seed) if b not in out.buffers]
+        out.constants[t.node] = const
+        if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
+            rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
+        factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
+        if factor.dim() > len(scores_labels):
+            return "the mask has more axes than the scores"
+        factor = factor.reshape((1,) * (len(scores_labels) - factor.dim()) + tuple(factor.shape))
+        for axis, label in enumerate(scores_labels[:-2]):
+            if label != "h" and factor.shape[axis] != 1:
+                if not bool((factor == factor.narrow(axis, 0, 1)).all()):
+                    return "the mask varies along the batch axis"
+                factor = factor.narrow(axis, 0, 1)
+        mask = factor if mask is None else mask * factor
+    if mask is not None:
+        decay = _decay_of(mask, heads, rtol)
+        if isinstance(decay, str):
+            return decay
+        out.causal, out.decay = True, decay[0]
+    return out
+
+
+def _half_square_of(node: Node, s: Node) -> bool:
+    """Whether `node` is s²/2: s ** 2 / 2, s * s * 0.5, 0.5 * square(s), ..."""
+    if is_call(node, aten.div.Tensor) and node.args[1] == 2:
+        sq = node.args[0]
+    elif is_call(node, aten.mul.Tensor) and 0.5 in node.args[:2]:
+        sq = node.args[1] if node.args[0] == 0.5 else node.args[0]
+    else:
+        return False
+    if is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 or is_call(sq, aten.square.default):
+        return sq.args[0] is s
+    return is_call(sq, aten.mul.Tensor) and sq.args[0] is s and sq.args[1] is s
+
+
+def taylor_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
+    """(where the walk down from s stopped, the terms outside the expansion then inside it, the scale of
+    s inside) when the score chain stopped at 1 + s with s²/2 added just outside: the weights are the
+    second-order Taylor expansion of exp(s) (Based)."""
+    if not is_call(where, aten.add.Tensor) or not terms or terms[0].kind != "bias" or terms[0].negate:
+        return None
+    nodes = [a for a in where.args if isinstance(a, Node)]
+    if len(nodes) != 1 or [a for a in where.args if not isinstance(a, Node)] != [1] or len(where.args) != 2:
+        return None
+    s = nodes[0]
+    if not _half_square_of(terms[0].node, s):
+        return None
+    inner_where, inner_terms = read_chain(s)
+    if any(t.kind not in ("scale", "cast") for t in inner_terms):
+        return None
+    inner = 1.0
+    for t in inner_terms:
+        inner *= t.value if t.kind == "scale" else 1.0
+    return inner_where, terms[1:], inner
