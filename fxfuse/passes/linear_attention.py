@@ -25,17 +25,17 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, Product, read_product, val
-from fxfuse.passes.attention_scores import read_chain
 from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buckets
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, einsum_sides, is_call
 from fxfuse.passes.linear_attention_weights import (
     divided,
+    einsum_product,
     normaliser,
     peel_eps,
+    read_scores,
     read_weights,
     reciprocal_of,
     row_sum_of,
-    taylor_of,
 )
 from fxfuse.passes.site import Rejection, Site
 
@@ -101,11 +101,8 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         if isinstance(found, str):
             return _reject(node, found) if _reaches_scores(w_node) else None
         scores, normalize, eps = found
-        where, terms = read_chain(scores)
-        taylor = taylor_of(where, terms)
-        if taylor is not None:
-            where, terms, inner = taylor
-        ps = read_product(where)
+        where, terms, taylor = read_scores(scores)
+        ps = _score_product(where)
         if ps is None or where is scores and normalize == "none" and not _looks_like_scores(ps, pv):
             continue
         if ps.bias is not None or ps.alpha != 1.0:
@@ -118,11 +115,13 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)
-        weights.taylor = inner if taylor is not None else None
+        weights.taylor = taylor
         output = node
         if normalize == "none":
             # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product
             after = _normalised_output(node, scores) if roles.out_labels.endswith("ne") else None
+            if after is None and roles.out_labels.endswith("e"):
+                after = _normalised_like_linear(node, roles, weights)
             if after is not None:
                 output, normalize, eps = after
         weights.normalize, weights.eps = normalize, eps
@@ -143,6 +142,17 @@ def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | Non
     return None
 
 
+def _normalised_like_linear(out: Node, roles: Roles, w: Weights) -> tuple[Node, str, float] | None:
+    """(the division, normalize, eps) when `out`'s only user divides it by q . sum(k) (+ eps), or by
+    q . cumsum(k) when causal: the row sums of the unscaled, undecayed weights, written in the linear form
+    (Based's and fast-transformers' causal numerators with their linear-form normaliser)."""
+    if len(out.users) != 1 or w.scale != 1.0 or w.decay is not None or w.taylor is not None:
+        return None
+    user = next(iter(out.users))
+    found = _linear_normaliser(user, roles, w.causal)
+    return (user, *found[1:]) if found is not None and found[0] is out else None
+
+
 def _looks_like_scores(ps: Product, pv: Product) -> bool:
     """A bare product of products (x @ A @ B) is linear attention only when q, k and v all carry the
     batch axes and a sequence axis: not a chain of weight matrices."""
@@ -150,7 +160,11 @@ def _looks_like_scores(ps: Product, pv: Product) -> bool:
 
 
 def _reaches_scores(w: Node) -> bool:
-    return any(read_product(read_chain(a)[0]) is not None for a in w.all_input_nodes)
+    return any(_score_product(read_scores(a)[0]) is not None for a in w.all_input_nodes)
+
+
+def _score_product(where: Node) -> Product | None:
+    return read_product(where) or einsum_product(where)
 
 
 @dataclass

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.attention_layout import val
-from fxfuse.passes.attention_scores import constant_value, read_chain
+from fxfuse.passes.attention_layout import Product, val
+from fxfuse.passes.attention_scores import Term, constant_value, read_chain
 from fxfuse.passes.buffer_values import buffer_seed, buffers_read
-from fxfuse.passes.linear_attention_site import Weights, is_call
+from fxfuse.passes.linear_attention_site import Weights, einsum_sides, is_call
 
 aten = torch.ops.aten
 _DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
@@ -130,7 +130,7 @@ def _decay_of(mask: torch.Tensor, heads: int, rtol: float) -> tuple[list[float] 
 
 
 def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
-    """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
+    """The score terms (from `read_scores`, scores with role labels `scores_labels`, ending in "nm") as
     scale, causal mask and decay, or why they are not."""
     out, mask, rtol = Weights(), None, _DECAY_RTOL
     for t in terms:
@@ -145,22 +145,21 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
             return "a bias is added to the scores: not linearisable"
         if t.kind == "mask" and t.value != 0.0:
             return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
-        if t.kind not in ("temperature", "mask") or t.negate:
+        if t.kind == "tri":  # tril(s, o) / triu(s, o): a 0/1 mask known from the shape alone
+            ones = torch.ones(*(int(x) for x in val(t.node).shape[-2:]), dtype=torch.float64)
+            factor = torch.tril(ones, int(t.value)) if t.keep else torch.triu(ones, int(t.value))
+        elif t.kind in ("temperature", "mask", "einsum") and not t.negate:
+            const_node = t.node.args[1][int(t.value)] if t.kind == "einsum" else t.node
+            const = _constant(const_node, out)
+            if isinstance(const, str):
+                return const
+            if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
+                rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
+            factor = (const.bool() == t.keep).double() if t.kind == "mask" else const.double()
+            if t.kind == "einsum":
+                factor = _einsum_aligned(t.node, int(t.value), factor)
+        else:
             return "the scores go through an op the fused op cannot express"
-        const = constant_value(t.node)
-        if const is None:
-            # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
-            seed = buffer_seed(t.node.graph.owning_module)
-            const = constant_value(t.node, dict(seed)) if seed else None
-            if const is None:
-                return (
-                    "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
-                )
-            out.buffers += [b for b in buffers_read(t.node, seed) if b not in out.buffers]
-        out.constants[t.node] = const
-        if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
-            rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
-        factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
         if factor.dim() > len(scores_labels):
             return "the mask has more axes than the scores"
         factor = factor.reshape((1,) * (len(scores_labels) - factor.dim()) + tuple(factor.shape))
@@ -176,6 +175,78 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
             return decay
         out.causal, out.decay = True, decay[0]
     return out
+
+
+def _constant(node: Node, out: Weights) -> torch.Tensor | str:
+    """The value of a mask or decay operand (recorded in `out`), or why it has none at match time."""
+    const = constant_value(node)
+    if const is None:
+        # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
+        seed = buffer_seed(node.graph.owning_module)
+        const = constant_value(node, dict(seed)) if seed else None
+        if const is None:
+            return "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
+        out.buffers += [b for b in buffers_read(node, seed) if b not in out.buffers]
+    out.constants[node] = const
+    return const
+
+
+def _einsum_aligned(node: Node, i: int, value: torch.Tensor) -> torch.Tensor:
+    """Operand i of an einsum whose labels all appear in the output, laid out as the output's axes
+    (size 1 where it has none): "bhqd,bhkd,hqk->bhqk" turns the [H, Q, K] decay into [1, H, Q, K]."""
+    sides, out = einsum_sides(node)
+    labels = sides[i]
+    value = value.permute([labels.index(c) for c in out if c in labels])
+    return value.reshape([value.shape[[c for c in out if c in labels].index(c)] if c in labels else 1 for c in out])
+
+
+def read_scores(scores: Node) -> tuple[Node, list[Term], float | None]:
+    """Walk from the weights W down to the score product: (where the walk stopped, the terms inner to
+    outer, the scale of s inside a Taylor expansion 1 + s + s²/2 or None). Beyond `read_chain`: tril/triu
+    of the scores (a 0/1 mask from the shape), a Taylor expansion of exp, and a 3-operand einsum
+    "q,k,c->scores" with a constant c on the output's axes (fla's naive retention multiplies the decay in
+    that way) read as the product q k^T times c."""
+    where, terms = read_chain(scores)
+    for _ in range(4):
+        if not is_call(where, aten.tril.default, aten.triu.default) or not isinstance(where.args[0], Node):
+            break
+        diag = where.args[1] if len(where.args) > 1 else where.kwargs.get("diagonal", 0)
+        tri = Term("tri", node=where, value=float(diag), keep=where.target is aten.tril.default)
+        where, inner = read_chain(where.args[0])
+        terms = [*inner, tri, *terms]
+    taylor = taylor_of(where, terms)
+    inner_scale = None
+    if taylor is not None:
+        where, terms, inner_scale = taylor
+    factor = _einsum_factor(where)
+    if factor is not None:
+        terms = [Term("einsum", node=where, value=float(factor)), *terms]
+    return where, terms, inner_scale
+
+
+def _einsum_factor(node: Node) -> int | None:
+    """i when `node` is an einsum of three operands whose operand i carries output axes only (scales the
+    product of the other two elementwise) and the other two form a product."""
+    if not is_call(node, aten.einsum.default) or len(node.args[1]) != 3:
+        return None
+    spelled = einsum_sides(node)
+    if spelled is None or any(len(set(x)) != len(x) for x in (*spelled[0], spelled[1])):
+        return None
+    sides, out = spelled
+    hits = [i for i, sd in enumerate(sides) if all(c in out for c in sd)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def einsum_product(node: Node) -> Product | None:
+    """The product of the two non-constant operands of a 3-operand einsum read by `_einsum_factor`."""
+    i = _einsum_factor(node)
+    if i is None:
+        return None
+    sides, out = einsum_sides(node)
+    (a, la), (b, lb) = [(t, sd) for j, (t, sd) in enumerate(zip(node.args[1], sides)) if j != i]
+    if any(c not in la + lb for c in out):
+        return None
+    return Product(node, a, b, la, lb, out)
 
 
 def _half_square_of(node: Node, s: Node) -> bool:
