@@ -115,7 +115,8 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)
-        weights.taylor = taylor
+        if taylor is not None:
+            weights.squared, weights.taylor = taylor[0] == "square", taylor[1]
         output = node
         if normalize == "none":
             # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product

@@ -200,10 +200,10 @@ def _einsum_aligned(node: Node, i: int, value: torch.Tensor) -> torch.Tensor:
     return value.reshape([value.shape[[c for c in out if c in labels].index(c)] if c in labels else 1 for c in out])
 
 
-def read_scores(scores: Node) -> tuple[Node, list[Term], float | None]:
+def read_scores(scores: Node) -> tuple[Node, list[Term], tuple[str, float] | None]:
     """Walk from the weights W down to the score product: (where the walk stopped, the terms inner to
-    outer, the scale of s inside a Taylor expansion 1 + s + s²/2 or None). Beyond `read_chain`: tril/triu
-    of the scores (a 0/1 mask from the shape), a Taylor expansion of exp, and a 3-operand einsum
+    outer, ("taylor" | "square", the scale of s inside) for W = 1 + s + s²/2 or s², else None). Beyond
+    `read_chain`: tril/triu of the scores (a 0/1 mask from the shape), those expansions, and a 3-operand einsum
     "q,k,c->scores" with a constant c on the output's axes (fla's naive retention multiplies the decay in
     that way) read as the product q k^T times c."""
     where, terms = read_chain(scores)
@@ -214,14 +214,16 @@ def read_scores(scores: Node) -> tuple[Node, list[Term], float | None]:
         tri = Term("tri", node=where, value=float(diag), keep=where.target is aten.tril.default)
         where, inner = read_chain(where.args[0])
         terms = [*inner, tri, *terms]
-    taylor = taylor_of(where, terms)
-    inner_scale = None
-    if taylor is not None:
-        where, terms, inner_scale = taylor
+    expansion = None
+    for kind, read in (("taylor", taylor_of), ("square", _square_of)):
+        found = read(where, terms)
+        if found is not None:
+            where, terms, expansion = found[0], found[1], (kind, found[2])
+            break
     factor = _einsum_factor(where)
     if factor is not None:
         terms = [Term("einsum", node=where, value=float(factor)), *terms]
-    return where, terms, inner_scale
+    return where, terms, expansion
 
 
 def _einsum_factor(node: Node) -> int | None:
@@ -249,6 +251,33 @@ def einsum_product(node: Node) -> Product | None:
     return Product(node, a, b, la, lb, out)
 
 
+def _square_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
+    """(where the walk down from s stopped, the terms, the scale of s) when the chain stopped at s²
+    (ReBased squares the scores: (a.b)² = vec(a aᵀ) . vec(b bᵀ))."""
+    if not (_squares(where) and isinstance(where.args[0], Node)):
+        return None
+    inner = _plain_scale(where.args[0])
+    return None if inner is None else (inner[0], terms, inner[1])
+
+
+def _squares(node: Node) -> bool:
+    """Whether `node` is x ** 2, square(x) or x * x of x = node.args[0]."""
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == 2 or is_call(node, aten.square.default):
+        return True
+    return is_call(node, aten.mul.Tensor) and node.args[0] is node.args[1]
+
+
+def _plain_scale(s: Node) -> tuple[Node, float] | None:
+    """(where the walk down from s stopped, the product of its scales) when only scales and casts lie on it."""
+    where, terms = read_chain(s)
+    if any(t.kind not in ("scale", "cast") for t in terms):
+        return None
+    inner = 1.0
+    for t in terms:
+        inner *= t.value if t.kind == "scale" else 1.0
+    return where, inner
+
+
 def _half_square_of(node: Node, s: Node) -> bool:
     """Whether `node` is s²/2: s ** 2 / 2, s * s * 0.5, 0.5 * square(s), ..."""
     if is_call(node, aten.div.Tensor) and node.args[1] == 2:
@@ -257,9 +286,7 @@ def _half_square_of(node: Node, s: Node) -> bool:
         sq = node.args[1] if node.args[0] == 0.5 else node.args[0]
     else:
         return False
-    if is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 or is_call(sq, aten.square.default):
-        return sq.args[0] is s
-    return is_call(sq, aten.mul.Tensor) and sq.args[0] is s and sq.args[1] is s
+    return _squares(sq) and sq.args[0] is s
 
 
 def taylor_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
@@ -274,10 +301,5 @@ def taylor_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
     s = nodes[0]
     if not _half_square_of(terms[0].node, s):
         return None
-    inner_where, inner_terms = read_chain(s)
-    if any(t.kind not in ("scale", "cast") for t in inner_terms):
-        return None
-    inner = 1.0
-    for t in inner_terms:
-        inner *= t.value if t.kind == "scale" else 1.0
-    return inner_where, terms[1:], inner
+    inner = _plain_scale(s)
+    return None if inner is None else (inner[0], terms[1:], inner[1])
