@@ -1,0 +1,233 @@
+"""Linear attention as public research code spells it (each model written here from the math, in the
+spelling style of the project named in its docstring): fused and checked against float64, forward and
+gradients; the near misses beside them are left alone, bit for bit, or fused without what is not linear."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+from tests.test_linear_attention_match import Core, Fn
+from tests.test_linear_attention_spellings import _rel, fused_matches_float64, left_alone
+
+# --- positives -----------------------------------------------------------------------------------------
+
+
+def fla_retention(q, k, v):
+    """Spelled as in flash-linear-attention fla/ops/retention/naive.py: decay exp2((i - j) log2 gamma_h) on
+    and below the diagonal, multiplied in as the third operand of one einsum."""
+    h, n, d = q.shape[1:]
+    log2_gamma = (1 - q.new_tensor(2.0).pow(-5.0 - q.new_tensor(range(h)))).log2()
+    pos = q.new_tensor(range(n))
+    decay = torch.exp2((pos[:, None] - pos) * log2_gamma.view(-1, 1, 1)) * pos[:, None].ge(pos)
+    scores = torch.einsum("bhqd,bhkd,hqk->bhqk", q * d**-0.5, k, decay)
+    return torch.einsum("bhqk,bhkd->bhqd", scores, v)
+
+
+def fla_based(q, k, v):
+    """Spelled as in flash-linear-attention fla/ops/based/naive.py (parallel form): exp replaced by its
+    Taylor expansion 1 + s + s²/2, ~tril masked_fill_, then o / (w.sum(-1)[..., None] + eps)."""
+    n = q.shape[2]
+    w = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    w = 1 + w + 1 / 2 * (w**2)
+    w.masked_fill_(~torch.tril(torch.ones(n, n, dtype=torch.bool)), 0)
+    return (w @ v) / (w.sum(-1)[..., None] + 1e-6)
+
+
+def fla_rebased(q, k, v):
+    """Spelled as in flash-linear-attention fla/ops/rebased/naive.py: squared scores, causal, normalized."""
+    n = q.shape[2]
+    w = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)) ** 2
+    w.masked_fill_(~torch.tril(torch.ones(n, n, dtype=torch.bool)), 0)
+    return (w @ v) / (w.sum(-1)[..., None] + 1e-6)
+
+
+def fast_transformers_causal(q, k, v):
+    """Spelled as in fast-transformers' CausalLinearAttention with its causal product written out: [N, L, H, D],
+    Z = 1 / (Q . cumsum(K) + eps) applied as V * Z[:, :, :, None]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    z = 1 / (torch.einsum("nlhi,nlhi->nlh", q, k.cumsum(1)) + 1e-6)
+    n = q.shape[1]
+    w = torch.einsum("nlhd,nshd->nhls", q, k) * torch.tril(torch.ones(n, n))
+    return (torch.einsum("nhls,nshm->nlhm", w, v) * z[:, :, :, None]).transpose(1, 2)
+
+
+def lucidrains_linear_attn(q, k, v):
+    """Spelled as in lucidrains' linear-attention-transformer `linear_attn`: softmax of q over features, of k
+    over the sequence, k^T v first."""
+    q = q.softmax(dim=-1) * q.shape[-1] ** -0.5
+    context = torch.einsum("bhnd,bhne->bhde", k.softmax(dim=-2), v)
+    return torch.einsum("bhnd,bhde->bhne", q, context)
+
+
+class TaylorExp(nn.Module):
+    """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.r2, self.rd, self.rrd = math.sqrt(2), math.sqrt(d), math.sqrt(math.sqrt(d))
+
+    def forward(self, x):
+        x2 = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(start_dim=-2) / self.r2
+        return torch.cat([torch.ones(x[..., :1].shape), x / self.rrd, x2 / self.rd], dim=-1)
+
+
+class HazyBased(nn.Module):
+    """Spelled as in HazyResearch based's LinearAttention.parallel_forward: tril(A) of the feature product,
+    z = 1 / (q . cumsum(k) + eps) from the linear form, y * z[..., None]."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, feature_dim: int = 2) -> None:
+        super().__init__()
+        self.heads, self.fd = heads, feature_dim
+        self.q, self.k = nn.Linear(dim, heads * feature_dim), nn.Linear(dim, heads * feature_dim)
+        self.v, self.feature_map = nn.Linear(dim, dim), TaylorExp(feature_dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k = (p(x).view(b, n, self.heads, self.fd).transpose(1, 2) for p in (self.q, self.k))
+        v = self.v(x).view(b, n, self.heads, -1).transpose(1, 2)
+        q, k = self.feature_map(q), self.feature_map(k)
+        a = torch.tril(torch.einsum("bhnd,bhmd->bhnm", q, k))
+        y = torch.einsum("bhnm,bhme->bhne", a, v)
+        z = 1 / (torch.einsum("bhld,bhld->bhl", q, k.cumsum(2)) + 1e-12)
+        return (y * z[..., None]).transpose(1, 2).reshape(b, n, -1)
+
+
+class TorchscaleRetention(nn.Module):
+    """Spelled as in torchscale's RetNetRelPos + MultiScaleRetention.parallel_forward: the decay mask built with
+    masked_fill(inf), exp and nan_to_num; `scaled` divides it by the square root of its row sums, `abs_sum`
+    normalizes the scores by |scores|.sum(-1).clamp(1, 5e4) (as torchscale does)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, scaled: bool = False, abs_sum: bool = False) -> None:
+        super().__init__()
+        self.heads, self.scaled, self.abs_sum = heads, scaled, abs_sum
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("decay", torch.log(1 - 2 ** (-5 - torch.arange(heads, dtype=torch.float))))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        index = torch.arange(n).to(self.decay)
+        keep = torch.tril(torch.ones(n, n).to(self.decay)).bool()
+        dist = torch.masked_fill(index[:, None] - index[None, :], ~keep, float("inf"))
+        mask = torch.nan_to_num(torch.exp(dist * self.decay[:, None, None]))
+        if self.scaled:
+            mask = mask / mask.sum(dim=-1, keepdim=True).sqrt()
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        w = (q @ (k * q.shape[-1] ** -0.5).transpose(-1, -2)) * mask
+        if self.abs_sum:
+            w = w / w.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1, max=5e4)
+        return self.o((w @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+POSITIVES = {
+    "fla_retention": (lambda: Core(fla_retention), 12, ["causal, decay 0.9688/0.9844"]),
+    "fla_based": (lambda: Core(fla_based, heads=4), 24, ["φ=taylor 1 + s + s²/2", "row-sum + 1e-06", "causal"]),
+    "fla_rebased": (lambda: Core(fla_rebased, heads=4), 24, ["φ=square s²", "row-sum + 1e-06", "causal"]),
+    "fast_transformers_causal": (lambda: Core(fast_transformers_causal), 12, ["φ=elu+1", "row-sum + 1e-06", "causal"]),
+    "lucidrains_linear_attn": (lambda: Core(lucidrains_linear_attn), 12, ["already linear", "φ=softmax"]),
+    "hazy_based": (HazyBased, 12, ["row-sum + 1e-12", "causal"]),
+    "torchscale_mask_unscaled": (TorchscaleRetention, 12, ["causal, decay 0.9688/0.9844", "buffer decay"]),
+}
+
+
+@pytest.mark.parametrize("name", list(POSITIVES))
+def test_thirdparty_spelling_fused(name):
+    make, n, phrases = POSITIVES[name]
+    torch.manual_seed(0)
+    fused_matches_float64(make(), (torch.randn(2, n, 16),), phrases)
+
+
+# --- near misses ----------------------------------------------------------------------------------------
+
+
+class Whole(nn.Module):
+    """A model that takes x: its own projections, `left_alone` feeds it (x,) instead of (q, k, v)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, q, k, v):
+        return self.model(q)
+
+
+def gla_data_dependent_decay(q, k, v):
+    # simple GLA's parallel form: the decay exp(g_i - g_j) comes from the input, not a constant
+    g = F.logsigmoid(v[..., 0]).cumsum(-1)
+    n = q.shape[2]
+    decay = (g[..., :, None] - g[..., None, :]).exp() * torch.tril(torch.ones(n, n))
+    return ((q @ k.transpose(-2, -1)) * decay) @ v
+
+
+def performer_eps_inside_cumsum(q, k, v):
+    # performer-pytorch's causal_linear_attention_noncuda (one chunk): eps is added to cumsum(k), so the
+    # denominator is q . cumsum(k) + eps * sum(q), not a row sum + eps
+    q, k = torch.exp(q), torch.exp(k)
+    k_cumsum = 0 + k.cumsum(dim=-2)
+    d_inv = 1.0 / torch.einsum("...nd,...nd->...n", q, k_cumsum + 1e-3)
+    context = 0 + torch.einsum("...nd,...ne->...nde", k, v).cumsum(dim=-3)
+    return torch.einsum("...nde,...nd,...n->...ne", context, q, d_inv)
+
+
+def strictly_causal_tril(q, k, v):
+    return torch.tril(F.relu(q) @ F.relu(k).transpose(-2, -1), -1) @ v
+
+
+def einsum_mask_transposed(q, k, v):
+    # the third einsum operand laid out [k, q]: the mask is upper-triangular in [q, k]
+    n = q.shape[2]
+    scores = torch.einsum("bhqd,bhkd,kq->bhqk", q, k, torch.tril(torch.ones(n, n)))
+    return torch.einsum("bhqk,bhkd->bhqd", scores, v)
+
+
+NEAR_MISSES = {
+    "torchscale_abs_sum": (Whole(TorchscaleRetention(abs_sum=True)), "abs-sum"),
+    "torchscale_sqrt_scaled_mask": (Whole(TorchscaleRetention(scaled=True)), "not causal-structured"),
+    "gla_data_dependent_decay": (Fn(gla_data_dependent_decay), "not a constant"),
+    "performer_eps_inside_cumsum": (Fn(performer_eps_inside_cumsum), None),
+    "strictly_causal_tril": (Fn(strictly_causal_tril), "not causal-structured"),
+    "einsum_mask_transposed": (Fn(einsum_mask_transposed), "not causal-structured"),
+    "rebased_fewer_keys_than_features": (Fn(fla_rebased), "outnumber the keys"),
+}
+
+
+@pytest.mark.parametrize("name", list(NEAR_MISSES))
+def test_thirdparty_near_miss_left_alone(name):
+    model, reason = NEAR_MISSES[name]
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 16)
+    qkv = (x, x, x) if isinstance(model, Whole) else tuple(torch.rand(2, 2, 12, 8) for _ in range(3))
+    left_alone(model, qkv, reason)
+
+
+def scaled_scores_linear_normaliser(q, k, v):
+    # the weights carry a scale that q . cumsum(k) does not: not their row sum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    n = q.shape[2]
+    w = (q @ k.transpose(-2, -1)) * 0.5 * torch.tril(torch.ones(n, n))
+    return (w @ v) / (torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(2)) + 1e-6).unsqueeze(-1)
+
+
+def causal_weights_full_sum(q, k, v):
+    # causal weights divided by q . sum(k) over every key: not their row sum
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    w = torch.tril(q @ k.transpose(-2, -1))
+    return (w @ v) / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("core", [scaled_scores_linear_normaliser, causal_weights_full_sum])
+def test_normaliser_that_is_not_the_row_sum_stays_outside(core):
+    # the product is fused, the division stays as written
+    model, x = Core(core).eval(), torch.randn(2, 12, 16)
+    opt = fxfuse.optimize(model, (x,), patterns=["linear_attention"])
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 1 and "no normaliser" in rep.rewrites[0].variant, rep
+    with torch.no_grad():
+        assert _rel(opt(x), copy.deepcopy(model).double()(x.double())) < 1e-5
