@@ -59,14 +59,6 @@ def fast_transformers_causal(q, k, v):
     return (torch.einsum("nhls,nshm->nlhm", w, v) * z[:, :, :, None]).transpose(1, 2)
 
 
-def lucidrains_linear_attn(q, k, v):
-    """Spelled as in lucidrains' linear-attention-transformer `linear_attn`: softmax of q over features, of k
-    over the sequence, k^T v first."""
-    q = q.softmax(dim=-1) * q.shape[-1] ** -0.5
-    context = torch.einsum("bhnd,bhne->bhde", k.softmax(dim=-2), v)
-    return torch.einsum("bhnd,bhde->bhne", q, context)
-
-
 class TaylorExp(nn.Module):
     """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
 
@@ -126,14 +118,48 @@ class TorchscaleRetention(nn.Module):
         return self.o((w @ v).transpose(1, 2).reshape(b, n, -1))
 
 
+class LightningChunks(nn.Module):
+    """Spelled as in transformers' MiniMaxLightningAttention (prefill): silu features, blocks of `block` rows,
+    decay factors exp(-slope_h ...) held in buffers and sliced per block, a zero [D, E] state carried with
+    its block decay exp(-slope_h * c)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, block: int = 4) -> None:
+        super().__init__()
+        self.heads, self.block = heads, block
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        slope = ((2 ** (-8 / heads)) ** (torch.arange(heads) + 1.0))[:, None, None]
+        rows = torch.arange(block) + 1
+        dist = slope * (rows[:, None] - rows[None, :])[None, None]
+        self.register_buffer("slope", slope)
+        self.register_buffer("q_decay", torch.exp(-slope * rows[:, None]))
+        self.register_buffer("k_decay", torch.exp(-slope * (block - rows[:, None])))
+        self.register_buffer("diag_decay", torch.exp(torch.where(dist >= 0, -dist, float("-inf"))))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in F.silu(self.qkv(x)).chunk(3, -1))
+        state = torch.zeros(b, self.heads, q.shape[-1], v.shape[-1], dtype=v.dtype)
+        outs = []
+        for start in range(0, n, self.block):
+            end = min(start + self.block, n)
+            c = end - start
+            qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+            intra = torch.matmul(torch.matmul(qc, kc.transpose(-1, -2)) * self.diag_decay[:, :, :c, :c], vc)
+            outs.append(torch.matmul(qc * self.q_decay[:, :c], state) + intra)
+            update = torch.matmul((kc * self.k_decay[:, -c:]).transpose(-1, -2), vc)
+            state = state * torch.exp(-self.slope * c) + update
+        return self.o(torch.cat(outs, dim=-2).transpose(1, 2).reshape(b, n, -1))
+
+
 POSITIVES = {
     "fla_retention": (lambda: Core(fla_retention), 12, ["causal, decay 0.9688/0.9844"]),
     "fla_based": (lambda: Core(fla_based, heads=4), 24, ["φ=taylor 1 + s + s²/2", "row-sum + 1e-06", "causal"]),
     "fla_rebased": (lambda: Core(fla_rebased, heads=4), 24, ["φ=square s²", "row-sum + 1e-06", "causal"]),
     "fast_transformers_causal": (lambda: Core(fast_transformers_causal), 12, ["φ=elu+1", "row-sum + 1e-06", "causal"]),
-    "lucidrains_linear_attn": (lambda: Core(lucidrains_linear_attn), 12, ["already linear", "φ=softmax"]),
     "hazy_based": (HazyBased, 12, ["row-sum + 1e-12", "causal"]),
     "torchscale_mask_unscaled": (TorchscaleRetention, 12, ["causal, decay 0.9688/0.9844", "buffer decay"]),
+    # 10 rows: the last block is partial, its factors sliced shorter
+    "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),
 }
 
 
@@ -231,3 +257,21 @@ def test_normaliser_that_is_not_the_row_sum_stays_outside(core):
     assert rep.count("linear_attention") == 1 and "no normaliser" in rep.rewrites[0].variant, rep
     with torch.no_grad():
         assert _rel(opt(x), copy.deepcopy(model).double()(x.double())) < 1e-5
+
+
+def test_lightning_decay_buffers_are_proven_and_guarded():
+    # a key decay that is not exp(-slope (C - j)) is left alone; a proven one written to later runs as captured
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 16)
+    wrong = LightningChunks().eval()
+    wrong.k_decay.mul_(0.5)
+    left_alone(Whole(wrong), (x, x, x), "decay factor ζ is not what decay")
+    model = LightningChunks().eval()
+    opt = fxfuse.optimize(model, (x,), patterns=["linear_attention"])
+    assert fxfuse.report(opt).count("linear_attention") == 1
+    with torch.no_grad():
+        opt(x)
+        model.k_decay.mul_(0.5)
+        with pytest.warns(UserWarning, match="buffer that a rewrite relies on changed"):
+            got = opt(x)
+        assert torch.equal(got, model(x))
