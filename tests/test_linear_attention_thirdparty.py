@@ -59,6 +59,15 @@ def fast_transformers_causal(q, k, v):
     return (torch.einsum("nhls,nshm->nlhm", w, v) * z[:, :, :, None]).transpose(1, 2)
 
 
+def taylor_times_itself_decayed(q, k, v):
+    # a generated spelling: s²/2 written s * s * 0.5 (both sides of the outer add reach the product), decayed
+    n = q.shape[2]
+    s = q @ k.transpose(-2, -1) * 0.3
+    pos = torch.arange(n)
+    decay = 0.9 ** (pos[:, None] - pos[None, :]).clamp(min=0).float() * torch.tril(torch.ones(n, n))
+    return ((1 + s + s * s * 0.5) * decay) @ v
+
+
 class TaylorExp(nn.Module):
     """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
 
@@ -158,6 +167,9 @@ POSITIVES = {
     "fast_transformers_causal": (lambda: Core(fast_transformers_causal), 12, ["φ=elu+1", "row-sum + 1e-06", "causal"]),
     "hazy_based": (HazyBased, 12, ["row-sum + 1e-12", "causal"]),
     "torchscale_mask_unscaled": (TorchscaleRetention, 12, ["causal, decay 0.9688/0.9844", "buffer decay"]),
+    "taylor_times_itself_decayed": (
+        lambda: Core(taylor_times_itself_decayed, heads=4), 24, ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"]
+    ),
     # 10 rows: the last block is partial, its factors sliced shorter
     "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),
 }
