@@ -168,7 +168,9 @@ POSITIVES = {
     "hazy_based": (HazyBased, 12, ["row-sum + 1e-12", "causal"]),
     "torchscale_mask_unscaled": (TorchscaleRetention, 12, ["causal, decay 0.9688/0.9844", "buffer decay"]),
     "taylor_times_itself_decayed": (
-        lambda: Core(taylor_times_itself_decayed, heads=4), 24, ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"]
+        lambda: Core(taylor_times_itself_decayed, heads=4),
+        24,
+        ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"],
     ),
     # 10 rows: the last block is partial, its factors sliced shorter
     "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),

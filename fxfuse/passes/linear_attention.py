@@ -4,12 +4,14 @@ Feature maps stay graph ops; the matcher needs only the product structure. A rul
 a product and returns the semantic parameters (roles of q, k, v, scale, causal, decay, normaliser):
 - quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
   what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
-  masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
-  diagonal (proven by evaluating it; a mask held in a module buffer is read at capture, and the compiled
-  graph is guarded on it: `buffer_values.py`), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
-  W / W.sum(-1, keepdim).clamp(min), also written W * (1 / ...) or W * reciprocal(...); W may also be
-  1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k) for
-  phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
+  masked_fill of the upper triangle with 0, or tril of the scores), a constant decay matrix gamma_h^(i - j)
+  on and below the diagonal (proven by evaluating it; a mask held in a module buffer is read at capture,
+  and the compiled graph is guarded on it: `buffer_values.py`; also as the third operand of one einsum),
+  and a row normaliser W / (W.sum(-1, keepdim) + eps) or W / W.sum(-1, keepdim).clamp(min), also written
+  W * (1 / ...), W * reciprocal(...), W.sum(-1)[..., None], or as q . cumsum(k) (q . sum(k)) when W has no
+  scale or decay; W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k)
+  for phi(x) = [1, x, vec(x x^T) / sqrt(2)], or s² (ReBased), phi(x) = vec(x x^T) (features built in the
+  graph); reading W: `linear_attention_weights.py`;
 - already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps)
   or 1 / clamp(q . sum(k), min), also as one 3-operand einsum(q, kv, z) (fast-transformers);
 - bucketed running sums of k^T v plus the intra-bucket causal part: `linear_attention_buckets.py`.
