@@ -68,6 +68,34 @@ def taylor_times_itself_decayed(q, k, v):
     return ((1 + s + s * s * 0.5) * decay) @ v
 
 
+class PerformerCausal(nn.Module):
+    """Spelled as in performer-pytorch: softmax_kernel random features (projection matrix in a buffer, the
+    row max or global max subtracted, detached) and causal_linear_attention_noncuda's one-chunk form with
+    ellipsis einsums: D_inv = 1 / (q . cumsum(k)), cumsum of k vᵀ, one 3-operand einsum."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, features: int = 12) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.register_buffer("projection", torch.randn(features, dim // heads))
+
+    def features(self, x, is_query: bool):
+        norm, ratio = x.shape[-1] ** -0.25, self.projection.shape[0] ** -0.5
+        dash = torch.einsum("...id,...jd->...ij", norm * x, self.projection.type_as(x))
+        diag = ((x**2).sum(dim=-1) / 2.0 * norm**2).unsqueeze(dim=-1)
+        top = dash.amax(dim=-1, keepdim=True) if is_query else dash.amax(dim=(-1, -2), keepdim=True)
+        return ratio * (torch.exp(dash - diag - top.detach()) + 1e-4)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        q, k = self.features(q, True), self.features(k, False)
+        d_inv = 1.0 / torch.einsum("...nd,...nd->...n", q, k.cumsum(dim=-2).type_as(q))
+        context = torch.einsum("...nd,...ne->...nde", k, v).cumsum(dim=-3)
+        out = torch.einsum("...nde,...nd,...n->...ne", context, q, d_inv)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
 class TaylorExp(nn.Module):
     """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
 
@@ -166,12 +194,12 @@ POSITIVES = {
     "fla_rebased": (lambda: Core(fla_rebased, heads=4), 24, ["φ=square s²", "row-sum + 1e-06", "causal"]),
     "fast_transformers_causal": (lambda: Core(fast_transformers_causal), 12, ["φ=elu+1", "row-sum + 1e-06", "causal"]),
     "hazy_based": (HazyBased, 12, ["row-sum + 1e-12", "causal"]),
-    "torchscale_mask_unscaled": (TorchscaleRetention, 12, ["causal, decay 0.9688/0.9844", "buffer decay"]),
     "taylor_times_itself_decayed": (
         lambda: Core(taylor_times_itself_decayed, heads=4),
         24,
         ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"],
     ),
+    "performer_causal": (PerformerCausal, 12, ["cumsum of k vᵀ", "row-sum", "causal"]),
     # 10 rows: the last block is partial, its factors sliced shorter
     "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),
 }
