@@ -96,6 +96,14 @@ class PerformerCausal(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
 
+def fla_normalize_output(q, k, v):
+    """Spelled as in flash-linear-attention fla/ops/linear_attn/utils.py normalize_output: the causal output
+    divided by (q * k.cumsum(-2)).sum(-1, keepdim=True) + eps (here after a tril quadratic form)."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    o = torch.tril(q @ k.transpose(-2, -1)) @ v
+    return o / ((q * k.cumsum(-2)).sum(-1, keepdim=True) + 1e-10)
+
+
 class TaylorExp(nn.Module):
     """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
 
@@ -199,6 +207,7 @@ POSITIVES = {
         24,
         ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"],
     ),
+    "fla_normalize_output": (lambda: Core(fla_normalize_output), 12, ["φ=elu+1", "row-sum + 1e-10", "causal"]),
     "performer_causal": (PerformerCausal, 12, ["cumsum of k vᵀ", "row-sum", "causal"]),
     # 10 rows: the last block is partial, its factors sliced shorter
     "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),
@@ -290,10 +299,20 @@ def causal_weights_full_sum(q, k, v):
     return (w @ v) / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6).unsqueeze(-1)
 
 
-@pytest.mark.parametrize("core", [scaled_scores_linear_normaliser, causal_weights_full_sum])
-def test_normaliser_that_is_not_the_row_sum_stays_outside(core):
+def heads_paired_with_rows(q, k, v):
+    # q * cumsum(k) with q laid out [B, N, H, D]: with N == H the shapes agree, the axes do not
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    context = torch.einsum("bhnd,bhne->bhnde", k, v).cumsum(2)
+    den = (q.transpose(1, 2) * k.cumsum(2)).sum(-1, keepdim=True)
+    return torch.einsum("bhnd,bhnde->bhne", q, context) / (den + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "core, n", [(scaled_scores_linear_normaliser, 12), (causal_weights_full_sum, 12), (heads_paired_with_rows, 2)]
+)
+def test_normaliser_that_is_not_the_row_sum_stays_outside(core, n):
     # the product is fused, the division stays as written
-    model, x = Core(core).eval(), torch.randn(2, 12, 16)
+    model, x = Core(core).eval(), torch.randn(2, n, 16)
     opt = fxfuse.optimize(model, (x,), patterns=["linear_attention"])
     rep = fxfuse.report(opt)
     assert rep.count("linear_attention") == 1 and "no normaliser" in rep.rewrites[0].variant, rep

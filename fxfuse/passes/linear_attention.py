@@ -31,6 +31,7 @@ from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buck
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, einsum_sides, is_call
 from fxfuse.passes.linear_attention_weights import (
     divided,
+    dot_product,
     einsum_product,
     normaliser,
     peel_eps,
@@ -257,8 +258,9 @@ def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, st
         pairs = (node.args[:2], node.args[1::-1])
         readings += [(num, reciprocal_of(u.args[0])) for num, u in pairs
                      if _last_axis_added(u) and reciprocal_of(u.args[0]) is not None]  # fmt: skip
-    for num, den in readings:
-        found = _row_denominator(den, roles, causal, roles.out_labels[:-1])
+    kept = [(num, r, True) for num, r in divided(node) if not _last_axis_added(r)]  # (q * ksum).sum(-1, keepdim)
+    for num, den, keepdim in [(num, den, False) for num, den in readings] + kept:
+        found = _row_denominator(den, roles, causal, roles.out_labels[:-1], keepdim)
         if found is not None:
             return num, *found
     return None
@@ -268,15 +270,19 @@ def _last_axis_added(node: Node) -> bool:
     return is_call(node, aten.unsqueeze.default) and node.args[1] % val(node).dim() == val(node).dim() - 1
 
 
-def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[str, float] | None:
+def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str, kept: bool = False) -> tuple[str, float] | None:
     """(normalize, eps) when `den` is q . ksum + eps (either order) or (q . ksum).clamp(min=eps), its axes
     playing the roles `rows` (the output's without e), ksum = k summed over the sequence (non-causal)
-    or its cumsum (causal)."""
+    or its cumsum (causal); q . ksum may be (q * ksum).sum(-1), with keepdim exactly when `kept`."""
     peeled = peel_eps(den)
     if peeled is None:
         return None
     den, mode, eps = peeled
-    pd = read_product(den)
+    pd, dot = read_product(den), dot_product(den)
+    if pd is None and dot is not None and dot[1] == kept:
+        pd = dot[0]
+    elif kept:
+        return None
     q, k = roles.q, roles.k
     if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
         return None
@@ -299,6 +305,8 @@ def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[
         ks_roles = k_labels.replace("m", "")
     if not ok or ksum.args[0] is not source:
         return None
+    if pd.a_labels == pd.b_labels and q.labels != ks_roles:
+        return None  # an elementwise q * ksum pairs axes by position: they must play the same roles
     role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
     contracted = [c for c in ql if c in sl and c not in pd.out_labels]
     if [role[c] for c in contracted] != ["d"] or "".join(role.get(c, "?") for c in pd.out_labels) != rows:

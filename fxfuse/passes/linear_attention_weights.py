@@ -309,3 +309,19 @@ def taylor_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
         return None
     inner = _plain_scale(s)
     return None if inner is None else (inner[0], terms[1:], inner[1])
+
+
+def dot_product(node: Node) -> tuple[Product, bool] | None:
+    """((a * b).sum(-1) as the product a . b over the last axis, keepdim) for a and b of one rank (a label
+    names the same axis on both sides; fla's normalize_output spells q . cumsum(k) this way)."""
+    if not is_call(node, aten.sum.dim_IntList) or not is_call(node.args[0], aten.mul.Tensor):
+        return None
+    a, b = node.args[0].args[:2]
+    if not isinstance(a, Node) or not isinstance(b, Node) or val(a).dim() != val(b).dim():
+        return None
+    rank = val(a).dim()
+    if [d % rank for d in node.args[1]] != [rank - 1] or val(a).shape != val(b).shape:
+        return None
+    labels = "ABCDEFGH"[:rank]
+    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    return Product(node, a, b, labels, labels, labels[:-1]), keep
