@@ -336,3 +336,21 @@ def test_lightning_decay_buffers_are_proven_and_guarded():
         with pytest.warns(UserWarning, match="buffer that a rewrite relies on changed"):
             got = opt(x)
         assert torch.equal(got, model(x))
+
+
+def taylor_with_alpha(q, k, v, inner: bool):
+    # add(x, y, alpha=2) is x + 2y: not 1 + s + s²/2 (d = 2: 7 Taylor features, fewer than the 12 keys)
+    s = q[..., :2] @ k[..., :2].transpose(-2, -1) * 0.3
+    w = torch.add(s, 1, alpha=2) + s**2 / 2 if inner else torch.add(1 + s, s * s * 0.5, alpha=2)
+    return torch.tril(w) @ v
+
+
+@pytest.mark.parametrize("inner", [True, False], ids=["one_plus_s", "outer_add"])
+def test_taylor_spelled_with_alpha_is_not_matched(inner):
+    # the matcher itself must leave it alone: checked with verification off, which would otherwise catch it
+    model = Fn(lambda q, k, v: taylor_with_alpha(q, k, v, inner))
+    inputs = tuple(torch.randn(2, 2, 12, 8) for _ in range(3))
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"], verify=False)
+    assert fxfuse.report(opt).count("linear_attention") == 0, fxfuse.report(opt)
+    with torch.no_grad():
+        assert torch.equal(opt(*inputs), model(*inputs))

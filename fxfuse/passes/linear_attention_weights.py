@@ -293,13 +293,15 @@ def taylor_of(where: Node, terms: list) -> tuple[Node, list, float] | None:
     """(where the walk down from s stopped, the terms outside the expansion then inside it, the scale of
     s inside) when the score chain stopped at 1 + s with s²/2 added just outside: the weights are the
     second-order Taylor expansion of exp(s) (Based)."""
-    if is_call(where, aten.add.Tensor) and len(where.args) == 2 and all(isinstance(a, Node) for a in where.args):
+    if not is_call(where, aten.add.Tensor) or where.kwargs.get("alpha", 1) != 1:
+        return None  # add(x, y, alpha=a) is x + a * y
+    if len(where.args) == 2 and all(isinstance(a, Node) for a in where.args):
         # (1 + s) + s * s * 0.5: the walk stops at the outer add when both sides reach the product
         for one_plus, half in (where.args, where.args[::-1]):
             found = taylor_of(one_plus, [Term("bias", node=half), *terms])
             if found is not None:
                 return found
-    if not is_call(where, aten.add.Tensor) or not terms or terms[0].kind != "bias" or terms[0].negate:
+    if not terms or terms[0].kind != "bias" or terms[0].negate:
         return None
     nodes = [a for a in where.args if isinstance(a, Node)]
     if len(nodes) != 1 or [a for a in where.args if not isinstance(a, Node)] != [1] or len(where.args) != 2:
