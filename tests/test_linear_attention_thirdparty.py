@@ -104,6 +104,12 @@ def fla_normalize_output(q, k, v):
     return o / ((q * k.cumsum(-2)).sum(-1, keepdim=True) + 1e-10)
 
 
+def kv_over_length(q, k, v):
+    # a generated spelling: k^T v divided by the sequence length, as FLASH's global linear part divides it
+    kv = torch.einsum("bhnd,bhne->bhde", F.relu(k), v) / q.shape[2]
+    return torch.einsum("bhnd,bhde->bhne", F.relu(q), kv)
+
+
 class TaylorExp(nn.Module):
     """Spelled as in HazyResearch based's TaylorExp feature map: [1, x / d^(1/4), vec(x xᵀ) / (sqrt(2) sqrt(d))]."""
 
@@ -208,6 +214,7 @@ POSITIVES = {
         ["φ=taylor 1 + s + s²/2", "causal, decay 0.9"],
     ),
     "fla_normalize_output": (lambda: Core(fla_normalize_output), 12, ["φ=elu+1", "row-sum + 1e-10", "causal"]),
+    "kv_over_length": (lambda: Core(kv_over_length), 12, ["already linear", "φ=relu", "no normaliser"]),
     "performer_causal": (PerformerCausal, 12, ["cumsum of k vᵀ", "row-sum", "causal"]),
     # 10 rows: the last block is partial, its factors sliced shorter
     "minimax_lightning_chunks": (LightningChunks, 10, ["chunk loop (3 chunks of 4, last 2)", "decay 0.9394/0.9961"]),
@@ -299,6 +306,13 @@ def causal_weights_full_sum(q, k, v):
     return (w @ v) / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-6).unsqueeze(-1)
 
 
+def scaled_kv_unscaled_row_sum(q, k, v):
+    # k^T v halved, its row sum not: the division is not the op's normaliser
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    kv = torch.einsum("bhnd,bhne->bhde", k, v) * 0.5
+    return torch.einsum("bhnd,bhde->bhne", q, kv) / (torch.einsum("bhnd,bhd->bhn", q, k.sum(2)) + 1e-3).unsqueeze(-1)
+
+
 def heads_paired_with_rows(q, k, v):
     # q * cumsum(k) with q laid out [B, N, H, D]: with N == H the shapes agree, the axes do not
     q, k = F.elu(q) + 1, F.elu(k) + 1
@@ -308,7 +322,13 @@ def heads_paired_with_rows(q, k, v):
 
 
 @pytest.mark.parametrize(
-    "core, n", [(scaled_scores_linear_normaliser, 12), (causal_weights_full_sum, 12), (heads_paired_with_rows, 2)]
+    "core, n",
+    [
+        (scaled_scores_linear_normaliser, 12),
+        (causal_weights_full_sum, 12),
+        (heads_paired_with_rows, 2),
+        (scaled_kv_unscaled_row_sum, 12),
+    ],
 )
 def test_normaliser_that_is_not_the_row_sum_stays_outside(core, n):
     # the product is fused, the division stays as written

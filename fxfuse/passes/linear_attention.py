@@ -179,6 +179,7 @@ class KV:
     side: str  # which operand of p2 is kv: "a" | "b"
     p1: Product  # k with v
     seq_dim: int | None  # the cumsum axis of p1's output, None when p1 contracts the sequence
+    scale: float = 1.0  # a number kv is multiplied by (FLASH divides k^T v by the sequence length)
 
 
 def _kv_product(node: Node) -> KV | None:
@@ -194,14 +195,18 @@ def _kv_product(node: Node) -> KV | None:
 
 
 def _kv_operand(p2: Product, side: str, operand: Node) -> KV | None:
-    seq_dim = None
+    seq_dim, scale = None, 1.0
+    if is_call(operand, aten.mul.Tensor, aten.div.Tensor) and isinstance(operand.args[0], Node):
+        number = operand.args[1]
+        if isinstance(number, int | float) and not isinstance(number, bool) and number != 0:
+            scale, operand = (1.0 / number if operand.target is aten.div.Tensor else float(number)), operand.args[0]
     if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
         seq_dim = operand.args[1] % val(operand).dim()
         operand = operand.args[0]
     p1 = read_product(operand)
     if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
         if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
-            return KV(p2, side, p1, seq_dim)
+            return KV(p2, side, p1, seq_dim, scale)
     return None
 
 
@@ -344,8 +349,8 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         # einsum(q, kv, z) with z = 1 / (q . sum(k) + eps) on the rows: the normaliser inside the product
         z, found, z_labels = three
         roles = _linear_roles(found)
-        if isinstance(roles, str) or reciprocal_of(z) is None or len(z.users) != 1:
-            return None
+        if isinstance(roles, str) or reciprocal_of(z) is None or len(z.users) != 1 or found.scale != 1.0:
+            return None  # (a scaled kv over an unscaled row sum is not the op's normaliser)
         causal = found.seq_dim is not None
         rows = "".join(roles.out_labels[found.p2.out_labels.index(c)] for c in z_labels)
         normalized = _row_denominator(reciprocal_of(z), roles, causal, rows)
@@ -357,7 +362,8 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         if isinstance(roles, str):
             return None
         causal = found.seq_dim is not None
-        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles, causal) is not None:
+        normaliser = _linear_normaliser(next(iter(node.users)), roles, causal) if len(node.users) == 1 else None
+        if normaliser is not None and found.scale == 1.0:
             return None  # the normaliser after it anchors the site
     else:
         args = [a for a in node.args if isinstance(a, Node) and len(a.users) == 1]
@@ -370,9 +376,9 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
             return None
         causal = found.seq_dim is not None
         normalized = _linear_normaliser(node, roles, causal)
-        if normalized is None or normalized[0] is not numerator:
+        if normalized is None or normalized[0] is not numerator or found.scale != 1.0:
             return None
-    w = Weights(causal=causal)
+    w = Weights(scale=found.scale, causal=causal)
     if normalized is not None:
         w.normalize, w.eps = normalized[1:]
     variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"
