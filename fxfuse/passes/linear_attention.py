@@ -4,12 +4,14 @@ Feature maps stay graph ops; the matcher needs only the product structure. A rul
 a product and returns the semantic parameters (roles of q, k, v, scale, causal, decay, normaliser):
 - quadratic form: the value product W @ v where W is the score product q @ k^T with, in between, only
   what the fused op expresses: constant scales, a constant lower-triangular 0/1 mask (multiplied, or
-  masked_fill of the upper triangle with 0), a constant decay matrix gamma_h^(i - j) on and below the
-  diagonal (proven by evaluating it; a mask held in a module buffer is read at capture, and the compiled
-  graph is guarded on it: `buffer_values.py`), and a row normaliser W / (W.sum(-1, keepdim) + eps) or
-  W / W.sum(-1, keepdim).clamp(min), also written W * (1 / ...) or W * reciprocal(...); W may also be
-  1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k) for
-  phi(x) = [1, x, vec(x x^T) / sqrt(2)] (features built in the graph);
+  masked_fill of the upper triangle with 0, or tril of the scores), a constant decay matrix gamma_h^(i - j)
+  on and below the diagonal (proven by evaluating it; a mask held in a module buffer is read at capture,
+  and the compiled graph is guarded on it: `buffer_values.py`; also as the third operand of one einsum),
+  and a row normaliser W / (W.sum(-1, keepdim) + eps) or W / W.sum(-1, keepdim).clamp(min), also written
+  W * (1 / ...), W * reciprocal(...), W.sum(-1)[..., None], or as q . cumsum(k) (q . sum(k)) when W has no
+  scale or decay; W may also be 1 + s + s²/2 of the scores s (Based's Taylor exp), which is phi(q) . phi(k)
+  for phi(x) = [1, x, vec(x x^T) / sqrt(2)], or s² (ReBased), phi(x) = vec(x x^T) (features built in the
+  graph); reading W: `linear_attention_weights.py`;
 - already linear: q @ (k^T @ v) (kv = einsum over the sequence), optionally times 1 / (q . sum(k) + eps)
   or 1 / clamp(q . sum(k), min), also as one 3-operand einsum(q, kv, z) (fast-transformers);
 - bucketed running sums of k^T v plus the intra-bucket causal part: `linear_attention_buckets.py`.
@@ -25,155 +27,26 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, Product, read_product, val
-from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.buffer_values import buffer_seed, buffers_read
 from fxfuse.passes.linear_attention_buckets import defers_to_buckets, match_buckets
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site, einsum_sides, is_call
+from fxfuse.passes.linear_attention_weights import (
+    divided,
+    dot_product,
+    einsum_product,
+    normaliser,
+    peel_eps,
+    read_scores,
+    read_weights,
+    reciprocal_of,
+    row_sum_of,
+)
 from fxfuse.passes.site import Rejection, Site
 
 aten = torch.ops.aten
-_DECAY_RTOL = 1e-5  # a float32 decay matrix built by pow/exp differs from gamma^(i - j) by rounding only
 
 
 def _reject(anchor: Node, why: str, variant: str = "quadratic form") -> Rejection:
     return Rejection(PATTERN, variant, anchor, why)
-
-
-def _peel_eps(den: Node) -> tuple[Node, str, float] | None:
-    """`den` as (x, "eps", eps) for x + eps (either order), (x, "clamp", eps) for x.clamp(min=eps), (den, "eps",
-    0.0) otherwise; None when the clamp also bounds from above (no row normaliser the op knows)."""
-    if is_call(den, aten.add.Tensor) and den.kwargs.get("alpha", 1) == 1 and any(
-            isinstance(a, (int, float)) for a in den.args[:2]):  # fmt: skip
-        number = 1 if isinstance(den.args[1], (int, float)) else 0
-        return den.args[1 - number], "eps", float(den.args[number])
-    if is_call(den, aten.clamp.default, aten.clamp_min.default) and len(den.args) > 1 and den.args[1] is not None:
-        if len(den.args) > 2 and den.args[2] is not None:
-            return None
-        return den.args[0], "clamp", float(den.args[1])
-    return den, "eps", 0.0
-
-
-def _row_sum_of(den: Node, s: Node) -> tuple[str, float] | str | None:
-    """(normalize, eps) when `den` is s.sum(-1, keepdim=True) [+ eps | .clamp(min=eps)], a reason when it
-    is a reduction of s that the fused op cannot express, None when it is not a reduction of s."""
-    peeled = _peel_eps(den)
-    if peeled is None:
-        return "the normaliser is clamped from above"
-    den, mode, eps = peeled
-    if not is_call(den, aten.sum.dim_IntList):
-        return None
-    inner = den.args[0]
-    if is_call(inner, aten.abs.default) and inner.args[0] is s:
-        return "the normaliser sums |scores| (retention's abs-sum): not linearisable"
-    if inner is not s:
-        return None
-    keep = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
-    dims = [d % val(s).dim() for d in den.args[1]]
-    if dims != [val(s).dim() - 1] or not keep:
-        return "the normaliser is not a sum over the key axis (row sum)"
-    return mode, eps
-
-
-def _divided(node: Node) -> list[tuple[Node, Node]]:
-    """(x, den) for each reading of `node` as x / den: x / den, x * reciprocal(den), reciprocal(den) * x,
-    x * den ** -1 (`1 / den` reaches the graph as reciprocal(den))."""
-    if is_call(node, aten.div.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
-        return [(node.args[0], node.args[1])]
-    if not is_call(node, aten.mul.Tensor) or not all(isinstance(a, Node) for a in node.args[:2]):
-        return []
-    a, b = node.args[:2]
-    return [(x, _reciprocal_of(r)) for x, r in ((a, b), (b, a)) if _reciprocal_of(r) is not None]
-
-
-def _reciprocal_of(node: Node) -> Node | None:
-    """x when `node` is 1 / x: reciprocal(x) (also how `1 / x` reaches the graph) or x ** -1."""
-    if is_call(node, aten.reciprocal.default):
-        return node.args[0]
-    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == -1:
-        return node.args[0]
-    return None
-
-
-def _normaliser(w: Node) -> tuple[Node, str, float] | str | None:
-    """(scores, normalize, eps) for W = S / rowsum(S)... or S * (1 / rowsum(S)...), (W, "none", 0) for
-    anything else."""
-    for x, den in _divided(w):
-        found = _row_sum_of(den, x)
-        if isinstance(found, str):
-            return found
-        if found is not None:
-            return x, *found
-    return w, "none", 0.0
-
-
-def _decay_of(mask: torch.Tensor, heads: int, rtol: float) -> tuple[list[float] | None] | str:
-    """(gammas or None,) when mask [..., N, N] is (j <= i) * gamma_h^(i - j) up to rtol, else why not."""
-    n = mask.shape[-1]
-    if mask.dim() < 2 or mask.shape[-2] != n:
-        return "the mask is not square"
-    flat = mask.double().reshape(-1, n, n)
-    if flat.shape[0] not in (1, heads):
-        return "the mask varies along a batch axis"
-    i = torch.arange(n, dtype=torch.float64)
-    dist = i[:, None] - i[None, :]
-    gamma = flat[:, 1, 0] if n > 1 else torch.ones(flat.shape[0], dtype=torch.float64)
-    want = torch.where(dist >= 0, gamma.view(-1, 1, 1) ** dist.clamp(min=0), 0.0)
-    if not bool(torch.isclose(flat, want, rtol=rtol, atol=1e-30).all()):
-        return "the mask is not causal-structured (a lower-triangular 0/1 mask or a decay gamma^(i - j))"
-    if bool((gamma == 1).all()):
-        return (None,)
-    if bool((gamma < 0).any()):
-        return "the decay factors are negative"
-    return ([float(g) for g in gamma],)
-
-
-def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
-    """The score terms (from `read_chain`, scores with role labels `scores_labels`, ending in "nm") as
-    scale, causal mask and decay, or why they are not."""
-    out, mask, rtol = Weights(), None, _DECAY_RTOL
-    for t in terms:
-        if t.kind == "cast":
-            continue
-        if t.kind == "scale":
-            out.scale *= t.value
-            if t.const is not None:
-                out.constants[t.const] = constant_value(t.const)
-            continue
-        if t.kind == "bias":
-            return "a bias is added to the scores: not linearisable"
-        if t.kind == "mask" and t.value != 0.0:
-            return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
-        if t.kind not in ("temperature", "mask") or t.negate:
-            return "the scores go through an op the fused op cannot express"
-        const = constant_value(t.node)
-        if const is None:
-            # a module buffer (GPT-2's tril `bias`), sliced or not: its value now, guarded per call
-            seed = buffer_seed(t.node.graph.owning_module)
-            const = constant_value(t.node, dict(seed)) if seed else None
-            if const is None:
-                return (
-                    "the scores are multiplied by a mask that is not a constant (an input's values may change per call)"
-                )
-            out.buffers += [b for b in buffers_read(t.node, seed) if b not in out.buffers]
-        out.constants[t.node] = const
-        if const.is_floating_point():  # a half-precision decay matrix is gamma^(i - j) rounded to its dtype
-            rtol = max(rtol, 2 * torch.finfo(const.dtype).eps)
-        factor = const.double() if t.kind == "temperature" else (const.bool() == t.keep).double()
-        if factor.dim() > len(scores_labels):
-            return "the mask has more axes than the scores"
-        factor = factor.reshape((1,) * (len(scores_labels) - factor.dim()) + tuple(factor.shape))
-        for axis, label in enumerate(scores_labels[:-2]):
-            if label != "h" and factor.shape[axis] != 1:
-                if not bool((factor == factor.narrow(axis, 0, 1)).all()):
-                    return "the mask varies along the batch axis"
-                factor = factor.narrow(axis, 0, 1)
-        mask = factor if mask is None else mask * factor
-    if mask is not None:
-        decay = _decay_of(mask, heads, rtol)
-        if isinstance(decay, str):
-            return decay
-        out.causal, out.decay = True, decay[0]
-    return out
 
 
 def _roles(ps: Product, pv: Product, weights_operand: str) -> Roles | str:
@@ -227,15 +100,12 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
     if pv is None or pv.bias is not None or pv.alpha != 1.0 or defers_to_buckets(node):
         return None
     for which, w_node in (("a", pv.a), ("b", pv.b)):
-        found = _normaliser(w_node)
+        found = normaliser(w_node)
         if isinstance(found, str):
             return _reject(node, found) if _reaches_scores(w_node) else None
         scores, normalize, eps = found
-        where, terms = read_chain(scores)
-        taylor = _taylor(where, terms)
-        if taylor is not None:
-            where, terms, inner = taylor
-        ps = read_product(where)
+        where, terms, taylor = read_scores(scores)
+        ps = _score_product(where)
         if ps is None or where is scores and normalize == "none" and not _looks_like_scores(ps, pv):
             continue
         if ps.bias is not None or ps.alpha != 1.0:
@@ -248,11 +118,14 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)
-        weights.taylor = inner if taylor is not None else None
+        if taylor is not None:
+            weights.squared, weights.taylor = taylor[0] == "square", taylor[1]
         output = node
         if normalize == "none":
             # (W @ v) / (W.sum(-1, keepdim=True) + eps): the same normaliser applied after the product
             after = _normalised_output(node, scores) if roles.out_labels.endswith("ne") else None
+            if after is None and roles.out_labels.endswith("e"):
+                after = _normalised_like_linear(node, roles, weights)
             if after is not None:
                 output, normalize, eps = after
         weights.normalize, weights.eps = normalize, eps
@@ -261,50 +134,27 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
     return None
 
 
-def _half_square_of(node: Node, s: Node) -> bool:
-    """Whether `node` is s²/2: s ** 2 / 2, s * s * 0.5, 0.5 * square(s), ..."""
-    if is_call(node, aten.div.Tensor) and node.args[1] == 2:
-        sq = node.args[0]
-    elif is_call(node, aten.mul.Tensor) and 0.5 in node.args[:2]:
-        sq = node.args[1] if node.args[0] == 0.5 else node.args[0]
-    else:
-        return False
-    if is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2 or is_call(sq, aten.square.default):
-        return sq.args[0] is s
-    return is_call(sq, aten.mul.Tensor) and sq.args[0] is s and sq.args[1] is s
-
-
-def _taylor(where: Node, terms: list) -> tuple[Node, list, float] | None:
-    """(where the walk down from s stopped, the terms outside the expansion then inside it, the scale of
-    s inside) when the score chain stopped at 1 + s with s²/2 added just outside: the weights are the
-    second-order Taylor expansion of exp(s) (Based)."""
-    if not is_call(where, aten.add.Tensor) or not terms or terms[0].kind != "bias" or terms[0].negate:
-        return None
-    nodes = [a for a in where.args if isinstance(a, Node)]
-    if len(nodes) != 1 or [a for a in where.args if not isinstance(a, Node)] != [1] or len(where.args) != 2:
-        return None
-    s = nodes[0]
-    if not _half_square_of(terms[0].node, s):
-        return None
-    inner_where, inner_terms = read_chain(s)
-    if any(t.kind not in ("scale", "cast") for t in inner_terms):
-        return None
-    inner = 1.0
-    for t in inner_terms:
-        inner *= t.value if t.kind == "scale" else 1.0
-    return inner_where, terms[1:], inner
-
-
 def _normalised_output(out: Node, scores: Node) -> tuple[Node, str, float] | None:
     """(the division, normalize, eps) when `out`'s only user divides it by a row sum of `scores`."""
     if len(out.users) != 1:
         return None
     user = next(iter(out.users))
-    for x, den in _divided(user):
-        found = _row_sum_of(den, scores) if x is out else None
+    for x, den in divided(user):
+        found = row_sum_of(den, scores) if x is out else None
         if isinstance(found, tuple):
             return user, *found
     return None
+
+
+def _normalised_like_linear(out: Node, roles: Roles, w: Weights) -> tuple[Node, str, float] | None:
+    """(the division, normalize, eps) when `out`'s only user divides it by q . sum(k) (+ eps), or by
+    q . cumsum(k) when causal: the row sums of the unscaled, undecayed weights, written in the linear form
+    (Based's and fast-transformers' causal numerators with their linear-form normaliser)."""
+    if len(out.users) != 1 or w.scale != 1.0 or w.decay is not None or w.taylor is not None:
+        return None
+    user = next(iter(out.users))
+    found = _linear_normaliser(user, roles, w.causal)
+    return (user, *found[1:]) if found is not None and found[0] is out else None
 
 
 def _looks_like_scores(ps: Product, pv: Product) -> bool:
@@ -314,7 +164,11 @@ def _looks_like_scores(ps: Product, pv: Product) -> bool:
 
 
 def _reaches_scores(w: Node) -> bool:
-    return any(read_product(read_chain(a)[0]) is not None for a in w.all_input_nodes)
+    return any(_score_product(read_scores(a)[0]) is not None for a in w.all_input_nodes)
+
+
+def _score_product(where: Node) -> Product | None:
+    return read_product(where) or einsum_product(where)
 
 
 @dataclass
@@ -325,6 +179,7 @@ class KV:
     side: str  # which operand of p2 is kv: "a" | "b"
     p1: Product  # k with v
     seq_dim: int | None  # the cumsum axis of p1's output, None when p1 contracts the sequence
+    scale: float = 1.0  # a number kv is multiplied by (FLASH divides k^T v by the sequence length)
 
 
 def _kv_product(node: Node) -> KV | None:
@@ -340,14 +195,18 @@ def _kv_product(node: Node) -> KV | None:
 
 
 def _kv_operand(p2: Product, side: str, operand: Node) -> KV | None:
-    seq_dim = None
+    seq_dim, scale = None, 1.0
+    if is_call(operand, aten.mul.Tensor, aten.div.Tensor) and isinstance(operand.args[0], Node):
+        number = operand.args[1]
+        if isinstance(number, int | float) and not isinstance(number, bool) and number != 0:
+            scale, operand = (1.0 / number if operand.target is aten.div.Tensor else float(number)), operand.args[0]
     if is_call(operand, aten.cumsum.default) and len(operand.users) == 1:
         seq_dim = operand.args[1] % val(operand).dim()
         operand = operand.args[0]
     p1 = read_product(operand)
     if p1 is not None and p1.bias is None and p1.alpha == 1.0 and len(operand.users) == 1:
         if all(val(t) is not None and val(t).dim() >= 3 for t in (p1.a, p1.b)):
-            return KV(p2, side, p1, seq_dim)
+            return KV(p2, side, p1, seq_dim, scale)
     return None
 
 
@@ -398,14 +257,15 @@ def _linear_normaliser(node: Node, roles: Roles, causal: bool) -> tuple[Node, st
     (non-causal) or its cumsum (causal)."""
     if not roles.out_labels.endswith("e"):
         return None
-    readings = [(num, r.args[0]) for num, r in _divided(node) if _last_axis_added(r)]
+    readings = [(num, r.args[0]) for num, r in divided(node) if _last_axis_added(r)]
     if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args[:2]):
         # num * reciprocal(den)[..., None]: the reciprocal taken before the broadcast axis is added
         pairs = (node.args[:2], node.args[1::-1])
-        readings += [(num, _reciprocal_of(u.args[0])) for num, u in pairs
-                     if _last_axis_added(u) and _reciprocal_of(u.args[0]) is not None]  # fmt: skip
-    for num, den in readings:
-        found = _row_denominator(den, roles, causal, roles.out_labels[:-1])
+        readings += [(num, reciprocal_of(u.args[0])) for num, u in pairs
+                     if _last_axis_added(u) and reciprocal_of(u.args[0]) is not None]  # fmt: skip
+    kept = [(num, r, True) for num, r in divided(node) if not _last_axis_added(r)]  # (q * ksum).sum(-1, keepdim)
+    for num, den, keepdim in [(num, den, False) for num, den in readings] + kept:
+        found = _row_denominator(den, roles, causal, roles.out_labels[:-1], keepdim)
         if found is not None:
             return num, *found
     return None
@@ -415,15 +275,19 @@ def _last_axis_added(node: Node) -> bool:
     return is_call(node, aten.unsqueeze.default) and node.args[1] % val(node).dim() == val(node).dim() - 1
 
 
-def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[str, float] | None:
+def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str, kept: bool = False) -> tuple[str, float] | None:
     """(normalize, eps) when `den` is q . ksum + eps (either order) or (q . ksum).clamp(min=eps), its axes
     playing the roles `rows` (the output's without e), ksum = k summed over the sequence (non-causal)
-    or its cumsum (causal)."""
-    peeled = _peel_eps(den)
+    or its cumsum (causal); q . ksum may be (q * ksum).sum(-1), with keepdim exactly when `kept`."""
+    peeled = peel_eps(den)
     if peeled is None:
         return None
     den, mode, eps = peeled
-    pd = read_product(den)
+    pd, dot = read_product(den), dot_product(den)
+    if pd is None and dot is not None and dot[1] == kept:
+        pd = dot[0]
+    elif kept:
+        return None
     q, k = roles.q, roles.k
     if pd is None or q.node not in (pd.a, pd.b) or pd.a is pd.b:
         return None
@@ -446,6 +310,8 @@ def _row_denominator(den: Node, roles: Roles, causal: bool, rows: str) -> tuple[
         ks_roles = k_labels.replace("m", "")
     if not ok or ksum.args[0] is not source:
         return None
+    if pd.a_labels == pd.b_labels and q.labels != ks_roles:
+        return None  # an elementwise q * ksum pairs axes by position: they must play the same roles
     role = dict(zip(ql, q.labels)) | dict(zip(sl, ks_roles))
     contracted = [c for c in ql if c in sl and c not in pd.out_labels]
     if [role[c] for c in contracted] != ["d"] or "".join(role.get(c, "?") for c in pd.out_labels) != rows:
@@ -483,11 +349,11 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         # einsum(q, kv, z) with z = 1 / (q . sum(k) + eps) on the rows: the normaliser inside the product
         z, found, z_labels = three
         roles = _linear_roles(found)
-        if isinstance(roles, str) or _reciprocal_of(z) is None or len(z.users) != 1:
-            return None
+        if isinstance(roles, str) or reciprocal_of(z) is None or len(z.users) != 1 or found.scale != 1.0:
+            return None  # (a scaled kv over an unscaled row sum is not the op's normaliser)
         causal = found.seq_dim is not None
         rows = "".join(roles.out_labels[found.p2.out_labels.index(c)] for c in z_labels)
-        normalized = _row_denominator(_reciprocal_of(z), roles, causal, rows)
+        normalized = _row_denominator(reciprocal_of(z), roles, causal, rows)
         if normalized is None or "e" in rows or sorted(rows + "e") != sorted(roles.out_labels):
             return None
         normalized = (None, *normalized)
@@ -496,7 +362,8 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
         if isinstance(roles, str):
             return None
         causal = found.seq_dim is not None
-        if len(node.users) == 1 and _linear_normaliser(next(iter(node.users)), roles, causal) is not None:
+        normaliser = _linear_normaliser(next(iter(node.users)), roles, causal) if len(node.users) == 1 else None
+        if normaliser is not None and found.scale == 1.0:
             return None  # the normaliser after it anchors the site
     else:
         args = [a for a in node.args if isinstance(a, Node) and len(a.users) == 1]
@@ -509,9 +376,9 @@ def match_already_linear(node: Node, backend: str) -> Site | Rejection | None:
             return None
         causal = found.seq_dim is not None
         normalized = _linear_normaliser(node, roles, causal)
-        if normalized is None or normalized[0] is not numerator:
+        if normalized is None or normalized[0] is not numerator or found.scale != 1.0:
             return None
-    w = Weights(causal=causal)
+    w = Weights(scale=found.scale, causal=causal)
     if normalized is not None:
         w.normalize, w.eps = normalized[1:]
     variant = "cumsum of k vᵀ: [N, d, e] per head never built" if causal else "already linear q(kᵀv)"

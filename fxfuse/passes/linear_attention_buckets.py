@@ -238,7 +238,7 @@ def _through_transpose(node: Node, roles: dict[Node, str]) -> tuple[Node, str] |
 def _intra(node: Node, b: Buckets) -> Weights | None:
     """The weights (a proven tril mask) when `node` is (q_g k_g^T * tril) @ v_g over the same buckets,
     laid out as the inter part; None otherwise."""
-    from fxfuse.passes.linear_attention import read_weights
+    from fxfuse.passes.linear_attention_weights import read_weights
 
     pv = read_product(node)
     if pv is None or pv.bias is not None or pv.alpha != 1.0 or pv.b is not b.v:
@@ -312,12 +312,12 @@ def _bucket_normaliser(b: Buckets) -> tuple[str, float] | None:
     """(normalize, eps) when the rows are scaled by 1 / (q_g . ksum_(<g) + eps) or 1 / clamp(..., eps),
     ksum_(<g) the running sum of k summed over each bucket, shifted by one bucket as the states are
     (lucidrains' D_inv); None otherwise."""
-    from fxfuse.passes.linear_attention import _peel_eps, _reciprocal_of
+    from fxfuse.passes.linear_attention_weights import peel_eps, reciprocal_of
 
-    den = _reciprocal_of(b.rows)
+    den = reciprocal_of(b.rows)
     if den is None or len(b.rows.users) != 1 or b.scale != 1.0 or sorted(b.rows_roles) != sorted(b.batch + "gc"):
         return None
-    peeled = _peel_eps(den)
+    peeled = peel_eps(den)
     if peeled is None:
         return None
     den, mode, eps = peeled

@@ -18,8 +18,10 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_layout import Operand, peel, read_product, val
 from fxfuse.passes.attention_scores import constant_value, read_chain
-from fxfuse.passes.linear_attention import _roles, _row_sum_of, read_weights
+from fxfuse.passes.buffer_values import buffer_seed, buffers_read
+from fxfuse.passes.linear_attention import _roles
 from fxfuse.passes.linear_attention_site import Roles, Weights, is_call
+from fxfuse.passes.linear_attention_weights import read_weights, row_sum_of
 
 aten = torch.ops.aten
 _ZEROS = (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default)
@@ -78,11 +80,22 @@ def slice_of(node: Node) -> tuple[Node, int, int, int] | None:
     return None
 
 
+def known_value(node: Node) -> tuple[torch.Tensor | None, list[Node]]:
+    """(the value of a node computed from constants and module buffers, the buffer placeholders it reads):
+    MiniMax keeps its decay factors in buffers, sliced per chunk."""
+    value = constant_value(node)
+    if value is not None:
+        return value, []
+    seed = buffer_seed(node.graph.owning_module)
+    value = constant_value(node, dict(seed)) if seed else None
+    return value, ([] if value is None else buffers_read(node, seed))
+
+
 def strip_factor(node: Node) -> tuple[Node, Node | None]:
     """x * c with c a constant tensor (a decay factor) -> (x, c); anything else -> (node, None)."""
     if is_call(node, aten.mul.Tensor) and all(isinstance(a, Node) for a in node.args):
         for x, c in (node.args, node.args[::-1]):
-            if constant_value(c) is not None and constant_value(x) is None and val(x).shape == val(node).shape:
+            if known_value(c)[0] is not None and known_value(x)[0] is None and val(x).shape == val(node).shape:
                 return x, c
     return node, None
 
@@ -91,6 +104,11 @@ def _chunk_operand(node: Node, labels: str) -> tuple[Operand, Node | None]:
     """A product operand peeled to its slice (labels follow the axes) and the decay factor on it."""
     inner, factor = strip_factor(node)
     op = peel(Operand(inner, labels), "", allow_repeat=False)
+    if factor is None:  # the factor under a transpose: (k_c * ζ).transpose(-1, -2) (MiniMax)
+        inner, factor = strip_factor(op.node)
+        if factor is not None:
+            under = peel(Operand(inner, op.labels), "", allow_repeat=False)
+            return Operand(under.node, under.labels, op.scale * under.scale), factor
     return op, factor
 
 
@@ -204,7 +222,7 @@ def _read_normaliser(chunk: Chunk, den: Node, scores: Node) -> str | None:
         den, eps = den.args[0], float(den.args[1])
     if not is_call(den, aten.add.Tensor) or not all(isinstance(a, Node) for a in den.args):
         return "the normaliser is not the intra row sum plus q times a key-sum state"
-    sums = [(_row_sum_of(rows, scores), inter) for rows, inter in (den.args, den.args[::-1])]
+    sums = [(row_sum_of(rows, scores), inter) for rows, inter in (den.args, den.args[::-1])]
     sums = [(found, inter) for found, inter in sums if isinstance(found, tuple)]
     if not sums:
         return "the normaliser is not the intra row sum plus q times a key-sum state"
@@ -238,6 +256,18 @@ def is_zero_state(node: Node) -> bool:
     return value is not None and not bool(value.any())
 
 
+def _decayed(node: Node, state: Node) -> tuple[Node, Node | None] | None:
+    """(state, δ) when `node` is the state itself (δ None) or state * δ with δ a constant (the state may be a
+    constant itself: the zeros a loop starts from, as MiniMax's lightning attention does)."""
+    if node is state:
+        return state, None
+    if is_call(node, aten.mul.Tensor) and len(node.args) == 2 and state in node.args:
+        delta = node.args[1] if node.args[0] is state else node.args[0]
+        if isinstance(delta, Node) and known_value(delta)[0] is not None and val(node).shape == val(state).shape:
+            return state, delta
+    return None
+
+
 def read_update(node: Node, prev: Chunk, key_sum: bool) -> tuple[Node, dict[str, tuple]] | str:
     """node = S [⊙ δ] + kᵀ (v ⊙ ζ) (key_sum: z [⊙ δ] + Σ_rows k ⊙ ζ) of chunk `prev`: (S, factors)."""
     what = "key-sum state" if key_sum else "state"
@@ -247,10 +277,10 @@ def read_update(node: Node, prev: Chunk, key_sum: bool) -> tuple[Node, dict[str,
         if not is_call(node, aten.add.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
             return f"the {what} is not updated by adding the chunk's contribution (reset, or another recurrence)"
         carried = [(a, b) for a, b in (node.args, node.args[::-1]) if isinstance(a, Node) and isinstance(b, Node)
-                   and strip_factor(a)[0] is want_state]  # fmt: skip
+                   and _decayed(a, want_state) is not None]  # fmt: skip
         if not carried:
             return f"the {what} is not carried from one chunk to the next (reset each chunk?)"
-        (old, delta), added = strip_factor(carried[0][0]), carried[0][1]
+        (old, delta), added = _decayed(carried[0][0], want_state), carried[0][1]
     factors = {}
     k_slice, v_slice = (slice_of(prev.roles.k.node), slice_of(prev.roles.v.node))
     if key_sum:

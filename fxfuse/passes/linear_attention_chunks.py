@@ -28,8 +28,15 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from fxfuse.passes.attention_layout import Operand, val
-from fxfuse.passes.attention_scores import constant_value
-from fxfuse.passes.linear_attention_chunk import VIEWS, Chunk, final_update, is_zero_state, read_chunk, read_update
+from fxfuse.passes.linear_attention_chunk import (
+    VIEWS,
+    Chunk,
+    final_update,
+    is_zero_state,
+    known_value,
+    read_chunk,
+    read_update,
+)
 from fxfuse.passes.linear_attention_site import PATTERN, Roles, Weights, build_site
 from fxfuse.passes.reroll import NotALoop, _check_step, _template, chained, per_step_outputs
 from fxfuse.passes.site import Rejection, Site
@@ -54,7 +61,7 @@ def _expected(gamma: torch.Tensor, node: Node, roles: str, axis: str | None, pow
 
 def _factor_holds(factor: Node, node: Node, want: torch.Tensor) -> bool:
     """Whether the constant `factor` multiplying `node` is `want` wherever it meets `node`."""
-    value = constant_value(factor).double()
+    value = known_value(factor)[0].double()
     target = tuple(val(node).shape)
     try:
         got, exp = torch.broadcast_to(value, target), torch.broadcast_to(want, target)
@@ -214,7 +221,8 @@ def analyze(anchor: Node, chunks: list[Chunk]) -> tuple[Chunk, Weights, list[lis
             a in inputs or a.target in VIEWS and a.args[0] in inputs for a in n.all_input_nodes)]  # fmt: skip
         for node in factor_nodes + (zeros if i == 0 else []):
             if node not in inputs:
-                value = constant_value(node)
+                value, buffers = known_value(node)
+                w.buffers.extend(b for b in buffers if b not in w.buffers)  # guarded per call, as masks are
                 w.constants.setdefault(node, torch.zeros(val(node).shape, dtype=val(node).dtype)
                                        if value is None else value)  # fmt: skip
     return first, w, bodies, final

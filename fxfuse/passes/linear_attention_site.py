@@ -64,6 +64,7 @@ class Weights:
     constants: dict[Node, torch.Tensor] = field(default_factory=dict)  # inputs whose value is known
     buffers: list[Node] = field(default_factory=list)  # buffer placeholders those values were read from
     taylor: float | None = None  # the weights are 1 + s + s²/2 of s = taylor * (q . k) (a Taylor exp)
+    squared: bool = False  # with taylor: the weights are s² alone (ReBased)
 
 
 def feature_map(node: Node) -> str:
@@ -95,16 +96,24 @@ def _input_gen(constants: dict[int, torch.Tensor], normalized: bool):
     return gen
 
 
-def taylor_features(graph: Graph, x: Node) -> Node:
-    """[..., D] -> [..., 1 + D + D²]: [1, x, vec(x x^T) / sqrt(2)], so phi(a) . phi(b) = 1 + a.b + (a.b)²/2."""
-    one = graph.call_function(aten.ones_like.default, (graph.call_function(aten.slice.Tensor, (x, -1, 0, 1)),))
+def taylor_features(graph: Graph, x: Node, squared: bool = False) -> Node:
+    """[..., D] -> [..., 1 + D + D²]: [1, x, vec(x x^T) / sqrt(2)], so phi(a) . phi(b) = 1 + a.b + (a.b)²/2;
+    squared: [..., D²]: vec(x x^T), so phi(a) . phi(b) = (a.b)²."""
     outer = graph.call_function(
         aten.mul.Tensor,
         (graph.call_function(aten.unsqueeze.default, (x, -1)), graph.call_function(aten.unsqueeze.default, (x, -2))),
     )
     pairs = graph.call_function(aten.flatten.using_ints, (outer, -2, -1))
+    if squared:
+        return pairs
+    one = graph.call_function(aten.ones_like.default, (graph.call_function(aten.slice.Tensor, (x, -1, 0, 1)),))
     pairs = graph.call_function(aten.mul.Tensor, (pairs, 0.5**0.5))
     return graph.call_function(aten.cat.default, ([one, x, pairs], -1))
+
+
+def fname(w: Weights) -> str:
+    """The expansion of the scores in the weights, for the report."""
+    return "square s²" if w.squared else "taylor 1 + s + s²/2"
 
 
 def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: str, form: str) -> Site | str:
@@ -137,13 +146,13 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
     scale = w.scale * q.scale * k.scale
     features = sizes["d"]
     if w.taylor is not None:
-        # 1 + s + s²/2 = phi(c q) . phi(k) with phi(x) = [1, x, vec(x x^T) / sqrt(2)]: 1 + D + D² features
+        # 1 + s + s²/2 = phi(c q) . phi(k) with phi(x) = [1, x, vec(x x^T) / sqrt(2)]: 1 + D + D² features;
+        # s² = phi(c q) . phi(k) with phi(x) = vec(x x^T): D² features
         scale, inner = w.scale, w.taylor * q.scale * k.scale
-        features = 1 + sizes["d"] + sizes["d"] ** 2
+        features = sizes["d"] ** 2 + (0 if w.squared else 1 + sizes["d"])
         if features >= sizes["m"]:
-            return (
-                f"the Taylor features (1 + d + d² = {features}) outnumber the keys ({sizes['m']}): quadratic is cheaper"
-            )
+            spelled = "the s² features (d²" if w.squared else "the Taylor features (1 + d + d²"
+            return f"{spelled} = {features}) outnumber the keys ({sizes['m']}): quadratic is cheaper"
     params = (scale, w.causal, w.decay, w.normalize, w.eps, backend)
     out_dtype, q_dtype = val(output).dtype, val(q.node).dtype
 
@@ -152,8 +161,8 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
 
         qkv = [apply_steps(graph, nodes[i], plans[i]) for i in range(3)]
         if w.taylor is not None:
-            qkv[0] = taylor_features(graph, graph.call_function(aten.mul.Tensor, (qkv[0], inner)))
-            qkv[1] = taylor_features(graph, qkv[1])
+            qkv[0] = taylor_features(graph, graph.call_function(aten.mul.Tensor, (qkv[0], inner)), w.squared)
+            qkv[1] = taylor_features(graph, qkv[1], w.squared)
         out = graph.call_function(torch.ops.fxfuse.linear_attention.default, (*qkv, *params))
         out = apply_steps(graph, out, out_steps)
         if out_dtype != q_dtype:
@@ -162,7 +171,7 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
 
     norm = {"none": "no normaliser", "eps": f"row-sum + {w.eps:g}" if w.eps else "row-sum",
             "clamp": f"row-sum clamp(min={w.eps:g})"}  # fmt: skip
-    fmap = "φ=taylor 1 + s + s²/2" if w.taylor is not None else feature_map(q.node)
+    fmap = f"φ={fname(w)}" if w.taylor is not None else feature_map(q.node)
     parts = [form, fmap, norm[w.normalize]]
     if w.decay is not None:
         parts.append("causal, decay " + "/".join(f"{g:.4g}" for g in w.decay))
