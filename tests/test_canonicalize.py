@@ -229,3 +229,54 @@ def test_split_view_near_miss_is_kept(fn) -> None:
     adds = [n for n in gm.graph.nodes if n.target is aten.add.Tensor]
     assert [n.meta["val"].dim() for n in adds] == [5]
     torch.testing.assert_close(gm(*inputs), fn(*inputs), rtol=0, atol=0, equal_nan=True)
+
+
+# --- writes the schema alias analysis must see: through list arguments, out=, and list-returning views ---
+_L = 6
+
+
+def _foreach_after_clone(x, a):
+    h, ys = torch.zeros(2, 4), torch.empty(2, _L, 4)
+    for t in range(_L):
+        h = h * a + x[:, t]
+        g = h.clone()  # dropping the clone would make the foreach write h twice
+        ys[:, t] = g
+        torch._foreach_mul_([g, h], 2.0)
+    return ys
+
+
+def _out_keyword(x, a):
+    h, ys = torch.zeros(2, 4), torch.empty(2, _L, 4)
+    for t in range(_L):
+        h = h * a + x[:, t]
+        ys[:, t] = h
+        torch.mul(h, 2.0, out=h)
+    return ys
+
+
+def _unbind_piece(x, a):
+    h, ys = torch.zeros(2, 2, 4), torch.empty(2, _L, 4)
+    for t in range(_L):
+        h.mul_(a).add_(x[:, t].unsqueeze(1))
+        y0, _ = h.unbind(1)  # a view of h: its value at the write is gone by the end of the loop
+        ys[:, t] = y0
+    return ys
+
+
+def _chunk_piece_cat(x, a):
+    h, ys = torch.zeros(2, 8), torch.empty(2, 0, 4)
+    for t in range(_L):
+        h.mul_(a.repeat(2)).add_(x[:, t].repeat(1, 2))
+        y0, _ = h.chunk(2, 1)
+        ys = torch.cat([ys, y0.unsqueeze(1)], 1)
+    return ys
+
+
+@pytest.mark.parametrize("fn", [_foreach_after_clone, _out_keyword, _unbind_piece, _chunk_piece_cat],
+                         ids=lambda f: f.__name__[1:])  # fmt: skip
+def test_writes_through_lists_keywords_and_pieces_keep_every_number(fn) -> None:
+    x, a = torch.randn(2, _L, 4), torch.rand(4) + 0.5
+    gm = aten_graph(fn, (x, a), copy_loops=False)
+    want = fn(x.clone(), a)
+    got = canonicalize(gm).graph_module(x.clone(), a)
+    torch.testing.assert_close(got[0] if isinstance(got, (list, tuple)) else got, want, rtol=0, atol=0)

@@ -153,7 +153,7 @@ LEFT_ALONE = {
     ),
     "prealloc-in-place-state": (
         preallocated_inplace_state, scan_params,
-        lambda: loop_inputs(time_major=False), "modified in place",
+        lambda: loop_inputs(time_major=False), "writes a tensor in place",
     ),
     "growing-cat-in-place-state": (
         lambda m, *xs: growing_cat(m, *xs, in_place=True), scan_params,

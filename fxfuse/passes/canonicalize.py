@@ -12,6 +12,8 @@ op on an intermediate that nothing else aliases becomes its functional form.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
@@ -19,11 +21,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 aten = torch.ops.aten
 # widening casts that every value of the narrow dtype survives exactly
-_EXACT_WIDENING = {
+EXACT_WIDENING = {
     (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
     (torch.bfloat16, torch.float64), (torch.float32, torch.float64),
 }  # fmt: skip
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+PURE_MODULES = ("_operator", "operator", "math", "builtins", "torch")  # SymInt arithmetic, sym_* helpers
 
 
 def _val(x: object) -> torch.Tensor | None:
@@ -51,7 +54,11 @@ def _same_layout(a: Node, b: Node) -> bool:
 
 
 class _Aliasing:
-    """Which tensors are written in place (through any view), and which nodes the graph returns."""
+    """Which tensors are written in place (through any view), and which nodes the graph returns.
+
+    Conservative where a schema does not say: a write through a list argument (`_foreach_mul_`) or a
+    keyword (`out=`) counts, a piece of `unbind` / `split` / `chunk` is a view of its input, and every
+    tensor handed to a callable without a schema (a higher-order op) counts as written."""
 
     def __init__(self, gm: GraphModule) -> None:
         self.written: set[Node] = set()
@@ -59,18 +66,38 @@ class _Aliasing:
         for node in gm.graph.nodes:
             if node.op == "output":
                 self.returned.update(node.all_input_nodes)
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
             schema = getattr(node.target, "_schema", None)
-            for arg, spec in zip(node.args, schema.arguments if schema else ()):
-                if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
-                    self.written.add(self.root(arg))
+            if schema is None:
+                if getattr(node.target, "__module__", None) not in PURE_MODULES:
+                    self.written.update(self.root(x) for x in node.all_input_nodes)
+                continue
+            for i, spec in enumerate(schema.arguments):
+                if spec.alias_info is None or not spec.alias_info.is_write:
+                    continue
+                arg = node.args[i] if i < len(node.args) else node.kwargs.get(spec.name)
+                for x in arg if isinstance(arg, (list, tuple)) else (arg,):
+                    if isinstance(x, Node):
+                        self.written.add(self.root(x))
 
     @staticmethod
     def root(node: Node) -> Node:
-        """The tensor whose storage `node` views (itself unless it is a view op's result)."""
-        while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        """The tensor whose storage `node` shares: followed back through views, pieces of a view that
+        returns a list, and in-place ops (which return what they wrote)."""
+        while node.op == "call_function":
+            if node.target is operator.getitem and isinstance(node.args[0], Node):
+                source = node.args[0]
+                returns = getattr(source.target, "_schema", None)
+                if returns is None or not returns.returns or returns.returns[0].alias_info is None:
+                    break
+                node = source
+                continue
+            if not isinstance(node.target, torch._ops.OpOverload):
+                break
             schema = node.target._schema
             ret = schema.returns[0].alias_info if len(schema.returns) == 1 else None
-            if ret is None or ret.is_write or not node.args or not isinstance(node.args[0], Node):
+            if ret is None or not node.args or not isinstance(node.args[0], Node):
                 break
             node = node.args[0]
         return node
@@ -118,7 +145,7 @@ def _cast_round_trip(n: Node, al: _Aliasing) -> Node | None:
     if not isinstance(mid, Node) or mid.target not in _CASTS or _val(mid) is None:
         return None
     x = mid.args[0]
-    if not isinstance(x, Node) or not _same_layout(n, x) or (_val(x).dtype, _val(mid).dtype) not in _EXACT_WIDENING:
+    if not isinstance(x, Node) or not _same_layout(n, x) or (_val(x).dtype, _val(mid).dtype) not in EXACT_WIDENING:
         return None
     return x if al.may_drop_copy(n, x) else None
 

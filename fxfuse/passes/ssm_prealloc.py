@@ -18,9 +18,12 @@ left as captured; when the written values form a recurrence the scan family repo
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 
+from fxfuse.passes.canonicalize import PURE_MODULES
 from fxfuse.passes.reroll import chained
 from fxfuse.passes.site import Rejection
 
@@ -87,10 +90,11 @@ def _writes(buffer: Node) -> tuple[int, list[Node], list[Node]]:
     if early:
         raise NotStepWrites(f"{early[0].name} ({early[0].target}) reads the buffer before its last write")
     slot_shape = val.shape[:dim] + val.shape[dim + 1 :]
-    written = _written_roots(buffer.graph)
+    writer = foreign_writer(buffer.graph)
+    if writer is not None:  # a written value's at the stack (after the last write) may differ from at its copy
+        raise NotStepWrites(f"{writer.name} ({writer.target}) writes a tensor in place, so the values at each "
+                            "write may not be kept until the stack")  # fmt: skip
     for value in slots.values():
-        if _root(value) in written:  # its value at the stack (after the last write) may differ from at its copy
-            raise NotStepWrites(f"{value.name} is modified in place, so its value at each write is not kept")
         if value.meta.get("val") is None or value.meta["val"].device != val.device:
             raise NotStepWrites(f"{value.name} is written from another device")
         if value.meta["val"].shape != slot_shape:
@@ -99,26 +103,38 @@ def _writes(buffer: Node) -> tuple[int, list[Node], list[Node]]:
     return dim, [slots[j] for j in range(len(slots))], copies
 
 
-def _root(node: Node) -> Node:
-    """The tensor whose storage `node` shares: followed back through every op whose result aliases its first
-    argument (views, and in-place ops, which return what they wrote)."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
-        returns = node.target._schema.returns
-        if len(returns) != 1 or returns[0].alias_info is None or not isinstance(node.args[0], Node):
-            break
-        node = node.args[0]
-    return node
+def _slot_copies(graph) -> set[Node]:
+    """Every `copy_` into a `select` slot of a fresh allocation: the writes this module reads."""
+    return {
+        c
+        for n in graph.nodes
+        if n.op == "call_function" and n.target in _ALLOCS
+        for u in n.users
+        if u.target is aten.select.int and u.args[0] is n
+        for c in u.users
+        if c.target is aten.copy_.default and c.args[0] is u
+    }
 
 
-def _written_roots(graph) -> set[Node]:
-    """The roots of every tensor some op of `graph` writes in place."""
-    roots = set()
+def foreign_writer(graph) -> Node | None:
+    """The first node of `graph`, other than a slot write, that may write a tensor in place (a mutable
+    schema: in-place and out= variants, foreach_*_), or whose writes cannot be read off a schema (a
+    higher-order op, a Python callable); None when there is none. Any such write could reach a written
+    value through a view, so none is allowed: tracing aliases through views proved leaky (unbind, split,
+    chunk, out=, lists of tensors)."""
+    slots = _slot_copies(graph)
     for node in graph.nodes:
+        if node.op != "call_function" or node in slots or node.target is operator.getitem:
+            continue
         schema = getattr(node.target, "_schema", None)
-        for arg, spec in zip(node.args, schema.arguments if schema else ()):
-            if isinstance(arg, Node) and spec.alias_info is not None and spec.alias_info.is_write:
-                roots.add(_root(arg))
-    return roots
+        if schema is None:
+            name, module = getattr(node.target, "__name__", ""), getattr(node.target, "__module__", None)
+            if module in PURE_MODULES or name.startswith("sym_"):
+                continue
+            return node
+        if schema.is_mutable:
+            return node
+    return None
 
 
 def stack_step_writes(gm: GraphModule) -> bool:
@@ -204,18 +220,17 @@ def flatten_growing_cats(gm: GraphModule) -> bool:
     (concatenation is associative), and operands with no slot along dim and the result's dtype (an empty
     start, `torch.empty(b, d, 0)`) are dropped, so the re-roll sees one cat of the per-step outputs.
     True when the graph changed."""
-    changed, written = False, None
+    changed, writer = False, foreign_writer(gm.graph)
     for node in list(gm.graph.nodes):
         dim = _cat_dim(node)
         if dim is None:
             continue
         tensors = list(node.args[0])
         inner = tensors[0]
-        if isinstance(inner, Node) and _cat_dim(inner) == dim and len(inner.users) == 1 and _same_kind(inner, node):
-            written = _written_roots(gm.graph) if written is None else written
-            # the merged cat reads the inner operands later: none may be written in place in between
-            if not any(isinstance(t, Node) and _root(t) in written for t in inner.args[0]):
-                tensors = list(inner.args[0]) + tensors[1:]
+        # the merged cat reads the inner operands later: nothing may be written in place in between
+        merge = writer is None and isinstance(inner, Node) and _cat_dim(inner) == dim and len(inner.users) == 1
+        if merge and _same_kind(inner, node):
+            tensors = list(inner.args[0]) + tensors[1:]
         kept = [t for t in tensors if not _empty_slot(t, node, dim)]
         if kept != list(node.args[0]) and kept:
             node.args = (kept, dim, *node.args[2:])
