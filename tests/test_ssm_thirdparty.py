@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ssm_thirdparty_models import (
     CHANNELS,
     LENGTH,
@@ -243,3 +244,27 @@ def test_mamba_ssm_ref_half_inputs_fused_with_skip_and_gate(dtype=torch.bfloat16
     for g, o, w in zip(got, mine, want, strict=True):
         assert g.dtype == o.dtype
         assert _rel(g, w) <= max(1e-2 if g.dtype == dtype else 1e-4, 2 * _rel(o, w))
+
+
+def rounded_skip(m, u, delta, B, C):
+    """selective_scan_ref's loop whose D skip reads u rounded through float16 while the scan reads u itself."""
+    delta = F.softplus(delta + m.delta_bias[..., None])
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, m.A))
+    drive = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x, ys = m.A.new_zeros(u.shape[0], *m.A.shape), []
+    for i in range(u.shape[2]):
+        x = decay[:, :, i] * x + drive[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    return torch.stack(ys, dim=2) + u.half().float() * m.D[:, None]
+
+
+def test_skip_reading_a_rounded_input_keeps_the_rounding():
+    # with verify=False nothing but the matcher stands between a dropped round trip and the user
+    torch.manual_seed(0)
+    model = Recurrence(rounded_skip, **ref_params()).eval()
+    inputs = (randn_b(C_, L_) * 3, randn_b(C_, L_), randn_b(N_, L_), randn_b(N_, L_))
+    opt = fxfuse.optimize(model, inputs, patterns=["ssm_scan"], verify=False)
+    assert [r.status for r in fxfuse.report(opt).rewrites] == ["applied"]
+    with torch.no_grad():
+        got, want = opt(*inputs), model(*inputs)
+    assert _rel(got, want) < 1e-6

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import Graph, Node
 
+from fxfuse.passes.canonicalize import EXACT_WIDENING
 from fxfuse.passes.ssm_labels import PASS_THROUGH, shape
 
 aten = torch.ops.aten
@@ -39,7 +40,7 @@ class Tail:
         found, casts = {}, dict(self.casts)
         for name in ("u", "D", "z"):
             node = base = getattr(self, name)
-            while isinstance(base, Node) and base.op == "call_function" and base.target in PASS_THROUGH:
+            while _exact_copy(base):
                 base = base.args[0]
             if node is not None and base is not node and base in leaves:
                 found[name], casts[name] = base, node.meta["val"].dtype
@@ -62,6 +63,18 @@ class Tail:
         D = _call(graph, aten.reshape.default, read["D"], [sizes["d"]]) if self.D is not None else None
         z, u = (_from_layout(graph, read[n], stacked, sizes) if read[n] is not None else None for n in ("z", "u"))
         return [D, z, u]
+
+
+def _exact_copy(node: object) -> bool:
+    """A copy or cast of its input that keeps every value (same dtype, or an exact widening): a chain of them
+    equals one cast of its source to the last dtype. `u.half().float()` rounds, so it is not skipped."""
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in PASS_THROUGH):
+        return False
+    source, val = node.args[0], node.meta.get("val")
+    before = source.meta.get("val") if isinstance(source, Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(before, torch.Tensor):
+        return False
+    return before.dtype == val.dtype or (before.dtype, val.dtype) in EXACT_WIDENING
 
 
 def skip_and_gate(y: Node, stacked: tuple, sizes: dict) -> Tail:
