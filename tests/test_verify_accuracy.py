@@ -87,6 +87,27 @@ def test_whole_graph_check_accepts_a_more_accurate_rewrite():
     assert not rewrite.check_whole_graph(original, torch.fx.symbolic_trace(Times(3.01)), [x]).ok
 
 
+class WritesBuffer(nn.Module):
+    """Returns x and writes x * factor into its second input in place (a running statistic)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, buf):
+        buf.copy_(x * self.factor)
+        return x + 0.0
+
+
+def test_whole_graph_check_compares_inputs_written_in_place():
+    # the outputs agree; only the buffer the graph writes differs
+    original = torch.fx.symbolic_trace(WritesBuffer(2.0))
+    x, buf = torch.randn(5), torch.zeros(5)
+    assert rewrite.check_whole_graph(original, torch.fx.symbolic_trace(WritesBuffer(2.0)), [x, buf]).ok
+    assert not rewrite.check_whole_graph(original, torch.fx.symbolic_trace(WritesBuffer(2.5)), [x, buf]).ok
+    assert not buf.any()  # the check ran on clones
+
+
 class BertMHA(nn.Module):
     """BERT-style self-attention: separate projections, scores / sqrt(d), a boolean key-padding mask."""
 

@@ -267,15 +267,19 @@ def check_whole_graph(
     original: Callable, rewritten: Callable, example_inputs: Sequence[object], rtol: float | None = None
 ) -> Comparison:
     """Run the graph as captured and the rewritten one on (clones of) the real example inputs; in-place
-    ops such as batch-norm statistics updates then touch the clones, not the user's buffers. Where they
-    disagree by more than `rtol`, a float64 run of the captured graph decides, as in `verify.judge`."""
+    ops such as batch-norm statistics updates then touch the clones, not the user's buffers. The outputs
+    and the inputs after the run (a buffer updated in place) are compared. Where they disagree by more
+    than `rtol`, a float64 run of the captured graph decides, as in `verify.judge`."""
     clone = lambda xs: [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in xs]
+    tensors = lambda xs: [x for x in xs if isinstance(x, torch.Tensor)]
     # Same seed on both sides for random ops the rewrites did not touch; dropout off.
     with torch.no_grad(), without_dropout(original, rewritten), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        want = original(*clone(example_inputs))
+        inputs = clone(example_inputs)
+        want = (original(*inputs), tensors(inputs))
         torch.manual_seed(0)
-        got = rewritten(*clone(example_inputs))
+        inputs = clone(example_inputs)
+        got = (rewritten(*inputs), tensors(inputs))
         dtypes = [w.dtype for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
         low = any(d in (torch.float16, torch.bfloat16) for d in dtypes)
         # Rewrites compose: allow the sum of per-site tolerances' order of magnitude, not more.
@@ -286,7 +290,7 @@ def check_whole_graph(
         try:
             torch.manual_seed(0)
             wide = [widen(x) for x in clone(example_inputs)]
-            truth = float64_copy(original)(*wide)
+            truth = (float64_copy(original)(*wide), tensors(wide))
         except Exception:
             return check  # no float64 run (an op without a double kernel): agreement decides
     return judge(got, want, truth, rtol)
