@@ -19,8 +19,18 @@ RECOMPILE_LIMIT = 256
 VERBOSE_ENV = "FXFUSE_VERBOSE"  # =1: dynamo's own log of frames it could not capture, in full
 # Traced as no-ops: a filter change breaks the graph (a C builtin), and inside `with catch_warnings()`
 # the break cannot resume, so dynamo runs the whole frame eagerly (YOLOv5's SPP and SPPF silence a
-# max_pool2d warning that way). Only which warnings print inside the captured graph can differ.
+# max_pool2d warning that way). A filter the captured forward sets is then not set while it runs, so a
+# warning it meant to silence may print; numbers are not affected.
 _NO_OP_WHILE_TRACED = frozenset({warnings.simplefilter, warnings.filterwarnings})
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _no_op_while_traced(cfg) -> frozenset:
+    """The functions to add to dynamo's `ignore_logging_functions` for this call: none before torch 2.12
+    (the config is missing before 2.11, and 2.11's config logging cannot serialise functions in it)."""
+    if _TORCH_VERSION < (2, 12) or not isinstance(getattr(cfg, "ignore_logging_functions", None), set):
+        return frozenset()
+    return _NO_OP_WHILE_TRACED - cfg.ignore_logging_functions
 
 
 class _FallbackLog(logging.Filter):
@@ -105,16 +115,18 @@ class OptimizedModule(nn.Module):
         # `.item()` traced, not a graph break: a break inside a loop (a packed-sequence mask built by slicing
         # at cu_seqlens values) makes dynamo skip the whole frame, attention included, unreported
         cfg.capture_scalar_outputs = True
-        ignored = _NO_OP_WHILE_TRACED - cfg.ignore_logging_functions
-        cfg.ignore_logging_functions |= ignored
+        ignored = _no_op_while_traced(cfg)
         try:
+            if ignored:
+                cfg.ignore_logging_functions |= ignored
             with _quiet_fallbacks(self.fxfuse_report):
                 out = self._compiled(*args, **kwargs)
         except Exception:
             _capture_again_next_call(self.original)
             raise
         finally:
-            cfg.ignore_logging_functions -= ignored
+            if ignored:
+                cfg.ignore_logging_functions -= ignored
             (cfg.suppress_errors, cfg.recompile_limit, cfg.accumulated_recompile_limit,
              cfg.capture_scalar_outputs) = saved  # fmt: skip
         rep = self.fxfuse_report
