@@ -16,7 +16,9 @@ hundred SMs. The "parallel" schedule (the default for causal products) splits it
 chunked linear-attention kernels usually do: `_chunk_states_kernel` walks the chunks with one small
 product each and writes the state before every chunk ([B, H, N / C, D, E] float32), then
 `_chunk_output_kernel` runs one program per (batch * head, chunk, E block) for the intra-chunk product
-plus a_c S_before. Non-causal products are two ATen matmuls there (a (b^T c)).
+plus a_c S_before. The states take D / C times the memory of c in float32 (at most 2x: D <= 128, C = 64).
+Non-causal products are two ATen matmuls there (a (b^T c)), which follow
+`torch.backends.cuda.matmul.allow_tf32` as the model's own matmuls do.
 
 Shapes: a [B, H, N, D], b [B, H, M, D], c [B, H, M, E] (as float32, contiguous) -> out [B, H, N, E].
 """
