@@ -387,3 +387,50 @@ def test_taylor_spelled_with_alpha_is_not_matched(inner):
     assert fxfuse.report(opt).count("linear_attention") == 0, fxfuse.report(opt)
     with torch.no_grad():
         assert torch.equal(opt(*inputs), model(*inputs))
+
+
+def _decay_matrix(n: int) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.float32)
+    gamma = torch.tensor([0.9, 0.7]).view(-1, 1, 1)
+    return gamma ** (pos[:, None] - pos).clamp(min=0) * (pos[:, None] >= pos)
+
+
+def squared_decayed_einsum(q, k, v):
+    # the decay multiplies s inside the square: (s D)², which is not s² D
+    return torch.einsum("bhqd,bhkd,hqk->bhqk", q, k, _decay_matrix(q.shape[2])) ** 2 @ v
+
+
+def taylor_of_decayed_einsum(q, k, v):
+    e = torch.einsum("bhqd,bhkd,hqk->bhqk", q, k, _decay_matrix(q.shape[2]))
+    return (1 + e + e**2 / 2) @ v
+
+
+@pytest.mark.parametrize("fn", [squared_decayed_einsum, taylor_of_decayed_einsum], ids=lambda f: f.__name__)
+def test_factor_inside_an_expansion_is_not_matched(fn):
+    model = Fn(fn)
+    inputs = tuple(torch.randn(2, 2, 40, 4) * 0.5 for _ in range(3))
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"], verify=False)
+    rep = fxfuse.report(opt)
+    assert rep.count("linear_attention") == 0, rep
+    assert any("inside their expansion" in r.reason for r in rep.rejected("linear_attention")), rep
+    with torch.no_grad():
+        assert torch.equal(opt(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda q, k, v: (q @ k.transpose(-2, -1)) @ (v / 2),
+     lambda q, k, v: torch.tril(q @ k.transpose(-2, -1)) @ (v * 3),
+     lambda q, k, v: q @ (k.transpose(-2, -1) @ (v * 0.5)),
+     lambda q, k, v: (lambda w: (w @ (v * 0.5)) / (w.sum(-1, keepdim=True) + 1.0))(q @ k.transpose(-2, -1))],
+    ids=["quadratic", "causal", "already_linear", "row_normalised"],
+)  # fmt: skip
+def test_scale_on_v_is_kept(fn):
+    # the matcher itself must carry v's scale: checked with verification off
+    model = Fn(fn)
+    inputs = tuple(torch.rand(2, 2, 40, 4) for _ in range(3))
+    opt = fxfuse.optimize(model, inputs, patterns=["linear_attention"], verify=False)
+    assert fxfuse.report(opt).count("linear_attention") == 1, fxfuse.report(opt)
+    with torch.no_grad():
+        want = model(*(x.double() for x in inputs))
+        assert _rel(opt(*inputs), want) < 1e-5

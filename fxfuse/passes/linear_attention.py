@@ -110,11 +110,11 @@ def match_quadratic(node: Node, backend: str) -> Site | Rejection | None:
             continue
         if ps.bias is not None or ps.alpha != 1.0:
             return _reject(node, "a bias is added to the scores: not linearisable")
+        if val(scores) is None or val(scores).shape != val(ps.node).shape:
+            return _reject(node, "the scores change shape before the value product")
         roles = _roles(ps, pv, which)
         if isinstance(roles, str):
             continue
-        if val(scores) is None or val(scores).shape != val(ps.node).shape:
-            return _reject(node, "the scores change shape before the value product")
         weights = read_weights(terms, roles.scores_labels, roles.sizes.get("h", 1))
         if isinstance(weights, str):
             return _reject(node, weights)

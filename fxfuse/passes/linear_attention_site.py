@@ -164,6 +164,8 @@ def build_site(anchor: Node, output: Node, roles: Roles, w: Weights, backend: st
             qkv[0] = taylor_features(graph, graph.call_function(aten.mul.Tensor, (qkv[0], inner)), w.squared)
             qkv[1] = taylor_features(graph, qkv[1], w.squared)
         out = graph.call_function(torch.ops.fxfuse.linear_attention.default, (*qkv, *params))
+        if v.scale != 1.0:  # a scale peeled off v passes through the product and any row normaliser
+            out = graph.call_function(aten.mul.Tensor, (out, v.scale))
         out = apply_steps(graph, out, out_steps)
         if out_dtype != q_dtype:
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})

@@ -145,6 +145,8 @@ def read_weights(terms: list, scores_labels: str, heads: int) -> Weights | str:
             return "a bias is added to the scores: not linearisable"
         if t.kind == "mask" and t.value != 0.0:
             return f"masked scores are filled with {t.value:g}, not 0: not linear attention"
+        if t.kind == "nested":
+            return "the scores are multiplied by a constant inside their expansion ((s D)², 1 + s D + (s D)²/2)"
         if t.kind == "tri":  # tril(s, o) / triu(s, o): a 0/1 mask known from the shape alone
             ones = torch.ones(*(int(x) for x in val(t.node).shape[-2:]), dtype=torch.float64)
             factor = torch.tril(ones, int(t.value)) if t.keep else torch.triu(ones, int(t.value))
@@ -222,7 +224,8 @@ def read_scores(scores: Node) -> tuple[Node, list[Term], tuple[str, float] | Non
             break
     factor = _einsum_factor(where)
     if factor is not None:
-        terms = [Term("einsum", node=where, value=float(factor)), *terms]
+        # inside an expansion the factor multiplies s, not the weights: (s D)² is not s² D
+        terms = [Term("nested" if expansion else "einsum", node=where, value=float(factor)), *terms]
     return where, terms, expansion
 
 
