@@ -482,3 +482,23 @@ class ScalarBiasAttention(nn.Module):
 def test_zero_dim_tensor_added_to_the_scores_is_a_bias() -> None:
     make = lambda: (*torch.randn(3, 2, 4, 16, 64), torch.randn(()))
     _optimize_and_compare(ScalarBiasAttention(), make, 1, ["mask additive"])
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * 0.3, -1) @ (v * 0.5),
+     lambda q, k, v: torch.softmax(q @ (k * 2).transpose(-2, -1), -1) @ (v / 3).transpose(1, 2).transpose(1, 2)],
+    ids=["v_times", "v_divided_viewed"],
+)  # fmt: skip
+def test_scale_on_v_is_kept_by_the_matcher(fn):
+    # checked with verification off: only the matcher stands between a dropped scale and the user
+    class Fn(nn.Module):
+        def forward(self, q, k, v):
+            return fn(q, k, v)
+
+    inputs = tuple(torch.randn(2, 2, 16, 8) for _ in range(3))
+    opt = fxfuse.optimize(Fn(), inputs, patterns=["attention"], verify=False)
+    assert fxfuse.report(opt).count("attention") == 1, fxfuse.report(opt)
+    with torch.no_grad():
+        want = Fn()(*(x.double() for x in inputs))
+        assert (opt(*inputs).double() - want).abs().max() < 1e-5

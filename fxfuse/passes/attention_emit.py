@@ -166,6 +166,8 @@ def build_site(
         out = graph.call_function(
             torch.ops.fxfuse.attention.default, (qq, get(plan_k), get(plan_v), bias, mask, qs, ks, *params)
         )
+        if v.scale != 1.0:  # a scale peeled off v passes through the weighted sum
+            out = graph.call_function(aten.mul.Tensor, (out, v.scale))
         out = apply_steps(graph, out, out_steps)
         if out_dtype != q_dtype:
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": out_dtype})
