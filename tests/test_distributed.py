@@ -25,7 +25,7 @@ import fxfuse
 from examples.attention_models import CausalGPTBlock, GQABlock
 
 WORLD = 2
-TIMEOUT_S = 120  # the whole spawn; collectives time out after 30 s, so a lost peer cannot hang CI
+TIMEOUT_S = 300  # the whole spawn; collectives time out after 90 s, so a lost peer cannot hang CI
 
 
 class Net(nn.Module):
@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 about compiled outputs
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=90)
     )
     results = {}
     for name, wrap in CASES.items():
