@@ -168,6 +168,10 @@ def analyze_lti(loop: Loop, time_index) -> dict:
     if b in body and _reads(b, h_prev, body):
         raise NotAScan("the input term reads the state (a nonlinear recurrence)")
     chain = _readout_chain(loop.outputs[1], h, h_prev, body, inside)
+    timed = {loop.bodies[1][k] for k, _ in loop.time_args}
+    for op in chain:  # the readout is replayed once with step 1's arguments: h_t @ C + t would add 1 to every step
+        if op in timed:
+            raise NotAScan(f"the readout op {op.name} reads the step number (it differs from step to step)")
     prod = h.args[1] if h.args[0] is b else h.args[0]
     used = {h, prod, *chain} | (_ancestors(b, body) if b in body else set())
     extra = [n for n in loop.bodies[1] if n not in used]
