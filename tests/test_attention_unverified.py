@@ -6,6 +6,7 @@ exactly where the original has NaN). Near misses must be left alone with the rea
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,3 +92,33 @@ def test_scaled_fill_overflowing_half_stays_masked_as_inf() -> None:
         out, orig = opt(q, k, v, mask), model(q, k, v, mask)
     assert bool(orig.isnan().any())
     torch.testing.assert_close(out, orig, rtol=1e-2, atol=1e-2, equal_nan=True)
+
+
+def _keys_first(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scores laid out [B, H, Nk, Nq] (k @ q^T): softmax over the keys (dim=-2), then p^T @ v."""
+    return s.softmax(-2).transpose(-2, -1) @ v
+
+
+def _segment_ids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_q: torch.Tensor, seg_k: torch.Tensor):
+    same = seg_k[:, :, None] == seg_q[:, None, :]  # [B, Nk, Nq]
+    return _keys_first((k @ q.transpose(-2, -1)).masked_fill(~same[:, None], float("-inf")), v)
+
+
+_SEGS = (torch.tensor([[0, 0, 0, 1, 1, 1]] * 2), torch.tensor([[0, 1, 1, 1, 1, 2]] * 2))
+KEYS_FIRST = {
+    # on [Nk, Nq] scores triu(1) masks keys before the query: anti-causal, once read as causal (off by 1.15)
+    "triu_fill": (lambda q, k, v: _keys_first(
+        (k @ q.transpose(-2, -1)).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")), v), ()),
+    "triu_bias": (lambda q, k, v: _keys_first(
+        k @ q.transpose(-2, -1) + torch.full((6, 6), float("-inf")).triu(1), v), ()),
+    "segment_ids": (_segment_ids, _SEGS),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(KEYS_FIRST))
+def test_constant_masks_on_keys_first_scores_keep_their_orientation(name: str) -> None:
+    fn, extra = KEYS_FIRST[name]
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    out, ref, rep = _unverified(fn, (q, k, v, *extra))
+    assert rep.count("attention") == 1, str(rep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6, equal_nan=True)

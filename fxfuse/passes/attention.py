@@ -183,7 +183,9 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
     if isinstance(roles, str):
         return reject(_mixed_scores(ps) or roles)
     first = None
-    for specialize in (True, False):
+    # causal and segment-id reading take a constant mask's last two axes as [N, M]: scores laid out
+    # otherwise (k @ q^T with a softmax over dim=-2) fuse with their masks as tensors only
+    for specialize in (True, False) if roles.scores_labels.endswith("nm") else (False,):
         scores = normalize(terms, specialize, roles.bh)
         if isinstance(scores, str):
             first = first or scores
