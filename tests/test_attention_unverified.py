@@ -94,6 +94,20 @@ def test_scaled_fill_overflowing_half_stays_masked_as_inf() -> None:
     torch.testing.assert_close(out, orig, rtol=1e-2, atol=1e-2, equal_nan=True)
 
 
+def test_huge_fill_rounded_to_half_before_the_softmax_stays_masked_as_inf() -> None:
+    # finfo32.min is -inf in float16: the original's fully masked row is NaN; the fused op kept it finite
+    _, mask = _masks()
+    fn = lambda q, k, v, m: (q @ k.transpose(-2, -1)).masked_fill(m, MIN32).half().float().softmax(-1) @ v
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    model = Scores(fn).eval()
+    opt = fxfuse.optimize(model, (q, k, v, mask), patterns=["attention"], verify=False)
+    assert fxfuse.report(opt).count("attention") == 1, str(fxfuse.report(opt))
+    with torch.no_grad():
+        out, orig = opt(q, k, v, mask), model(q, k, v, mask)
+    assert bool(orig.isnan().any())
+    torch.testing.assert_close(out, orig, rtol=1e-2, atol=1e-2, equal_nan=True)
+
+
 def _keys_first(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Scores laid out [B, H, Nk, Nq] (k @ q^T): softmax over the keys (dim=-2), then p^T @ v."""
     return s.softmax(-2).transpose(-2, -1) @ v

@@ -367,13 +367,13 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
     for t in terms:
         if t.const is not None:
             out.constants[t.const] = constant_value(t.const)  # read at match time: an input, not region
+        if t.kind in ("scale", "cast"):  # fills round as the scores do: -1e4 * 10, finfo32.min are -inf in f16
+            dt = t.dtype if t.dtype is not None and t.dtype.is_floating_point else torch.float64
+            out.mask_biases = [(m, float(torch.tensor(fill, dtype=dt) * t.value)) for m, fill in out.mask_biases]
+            out.masked_value = None if (mv := out.masked_value) is None else float(torch.tensor(mv, dtype=dt) * t.value)
         if t.kind == "scale":
             out.scale *= t.value
             out.biases = [(b, m * t.value, batch) for b, m, batch in out.biases]
-            out.mask_biases = [(m, fill * t.value) for m, fill in out.mask_biases]
-            if out.masked_value is not None:  # rounded in the scores' dtype: -1e4 * 10 is -inf in float16
-                wide = t.dtype if t.dtype is not None and t.dtype.is_floating_point else torch.float64
-                out.masked_value = float(torch.tensor(out.masked_value, dtype=wide) * t.value)
         elif t.kind == "temperature":
             if out.biases or out.masked_value is not None or out.causal is not None:
                 return "a tensor scale is applied after a bias or mask; the fused op cannot express that"
