@@ -71,13 +71,19 @@ def _anchor_exp_normalized(n: Node) -> Anchor | None:
         return None
     dim = _dim(e, total.args[1][0])
     sub = e.args[0]
+    # the max must keep its axis: without keepdim it broadcasts against another axis of s (when the sizes
+    # happen to line up), and the subtrahend is no longer a per-row constant that softmax cancels
+    keep = lambda m: bool(m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False))
     if sub.target is aten.sub.Tensor and isinstance(sub.args[1], Node):
         x, peak = sub.args
-        if peak.target is aten.amax.default and peak.args[0] is x and [_dim(x, d) for d in peak.args[1]] == [dim]:
-            return Anchor(n, x, n, dim, "softmax")
         top = peak.args[0] if peak.target is operator.getitem and peak.args[1] == 0 else None  # x.max(dim).values
-        if top is not None and top.target is aten.max.dim and top.args[0] is x and _dim(x, top.args[1]) == dim:
-            return Anchor(n, x, n, dim, "softmax")
+        if peak.target is aten.amax.default and peak.args[0] is x and [_dim(x, d) for d in peak.args[1]] == [dim]:
+            top = peak
+        elif top is None or top.target is not aten.max.dim or top.args[0] is not x or _dim(x, top.args[1]) != dim:
+            top = None
+        if top is not None:
+            why = None if keep(top) else "the row max is taken without keepdim: it is subtracted along another axis"
+            return Anchor(n, x, n, dim, "softmax", why)
     why = "exp(s) / sum without subtracting the row max overflows where softmax does not"
     return Anchor(n, sub, n, dim, "softmax", why)
 
@@ -177,7 +183,9 @@ def match(anchor: Anchor, backend: str) -> Site | Rejection | None:
     if isinstance(roles, str):
         return reject(_mixed_scores(ps) or roles)
     first = None
-    for specialize in (True, False):
+    # causal and segment-id reading take a constant mask's last two axes as [N, M]: scores laid out
+    # otherwise (k @ q^T with a softmax over dim=-2) fuse with their masks as tensors only
+    for specialize in (True, False) if roles.scores_labels.endswith("nm") else (False,):
         scores = normalize(terms, specialize, roles.bh)
         if isinstance(scores, str):
             first = first or scores

@@ -39,6 +39,7 @@ class Term:
     negate: bool = False  # a bias that is subtracted / a temperature that divides
     batch: tuple[int, ...] = ()  # the scores' leading dims where the term applies (views may regroup them)
     const: Node | None = None  # the 0-d constant tensor that held `value`, if not a Python number
+    dtype: torch.dtype | None = None  # the scores' dtype where the term applies
 
 
 def constant_value(node: Node, cache: dict | None = None) -> torch.Tensor | None:
@@ -242,7 +243,7 @@ def read_chain(scores: Node) -> tuple[Node, list[Term]]:
             hit = rule(node)
             if hit is not None:
                 term = hit[1]
-                term.batch = tuple(int(d) for d in val(node).shape[:-2])
+                term.batch, term.dtype = tuple(int(d) for d in val(node).shape[:-2]), val(node).dtype
                 node = hit[0]
                 terms.append(term)
                 break
@@ -253,7 +254,7 @@ def read_chain(scores: Node) -> tuple[Node, list[Term]]:
         # baddbmm(bias, q, k^T, alpha=a): a * (q @ k^T) + bias (no bias when beta=0)
         batch = tuple(int(d) for d in val(node).shape[:-2])
         terms += [Term("bias", node=product.bias, batch=batch)] if product.bias is not None else []
-        terms += [Term("scale", value=product.alpha, batch=batch)]
+        terms += [Term("scale", value=product.alpha, batch=batch, dtype=val(node).dtype)]
     return node, terms[::-1]
 
 
@@ -366,12 +367,13 @@ def normalize(terms: list[Term], specialize: bool, bh: tuple[int, ...]) -> Score
     for t in terms:
         if t.const is not None:
             out.constants[t.const] = constant_value(t.const)  # read at match time: an input, not region
+        if t.kind in ("scale", "cast"):  # fills round as the scores do: -1e4 * 10, finfo32.min are -inf in f16
+            dt = t.dtype if t.dtype is not None and t.dtype.is_floating_point else torch.float64
+            out.mask_biases = [(m, float(torch.tensor(fill, dtype=dt) * t.value)) for m, fill in out.mask_biases]
+            out.masked_value = None if (mv := out.masked_value) is None else float(torch.tensor(mv, dtype=dt) * t.value)
         if t.kind == "scale":
             out.scale *= t.value
             out.biases = [(b, m * t.value, batch) for b, m, batch in out.biases]
-            out.mask_biases = [(m, fill * t.value) for m, fill in out.mask_biases]
-            if out.masked_value is not None:
-                out.masked_value *= t.value
         elif t.kind == "temperature":
             if out.biases or out.masked_value is not None or out.causal is not None:
                 return "a tensor scale is applied after a bias or mask; the fused op cannot express that"
@@ -432,7 +434,5 @@ def _merge_fill(out: Scores, value: float) -> str | None:
     if out.masked_value is None or out.masked_value == value:
         out.masked_value = value
         return None
-    both_masked = value <= _MASK_FLOOR and out.masked_value <= _MASK_FLOOR
-    if both_masked and not math.isinf(value) and not math.isinf(out.masked_value):
-        return None  # two "finfo.min"-like fills: a masked position stays masked either way
+    # not even two finfo.min-like fills: a fully masked row weighs only the positions with the larger one
     return f"masks fill different values ({out.masked_value:g} and {value:g})"
