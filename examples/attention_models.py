@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, h: int) -> torch.Tensor:
     """[B, N, H*D] -> [B, H, N, D]."""
     b, n, _ = x.shape
     return x.view(b, n, h, -1).transpose(1, 2)
 
 
-def _merge(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] -> [B, N, H*D]."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
@@ -34,10 +34,10 @@ class HandMHA(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(f(x), self.heads) for f in (self.q, self.k, self.v))
+        q, k, v = (split_heads(f(x), self.heads) for f in (self.q, self.k, self.v))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d)
         scores = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-        return self.o(_merge(F.softmax(scores, dim=-1) @ v))
+        return self.o(merge_heads(F.softmax(scores, dim=-1) @ v))
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:
@@ -57,10 +57,10 @@ class CausalGPTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
-        q, k, v = (_heads(z, self.heads) for z in self.c_attn(x).split(x.shape[-1], dim=2))
+        q, k, v = (split_heads(z, self.heads) for z in self.c_attn(x).split(x.shape[-1], dim=2))
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
-        return self.c_proj(_merge(F.softmax(att, dim=-1) @ v))
+        return self.c_proj(merge_heads(F.softmax(att, dim=-1) @ v))
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:
@@ -77,10 +77,10 @@ class CausalInlineBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
-        q, k, v = (_heads(z, self.heads) for z in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(z, self.heads) for z in self.qkv(x).chunk(3, dim=-1))
         causal = torch.triu(torch.full((n, n), float("-inf"), device=x.device), diagonal=1)
         att = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + causal, dim=-1)
-        return self.o(_merge(att @ v))
+        return self.o(merge_heads(att @ v))
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:
@@ -105,11 +105,11 @@ class GQABlock(nn.Module):
         return x[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = _heads(self.q(x), self.heads)
-        k, v = (_heads(z, self.kv_heads) for z in self.kv(x).chunk(2, dim=-1))
+        q = split_heads(self.q(x), self.heads)
+        k, v = (split_heads(z, self.kv_heads) for z in self.kv(x).chunk(2, dim=-1))
         k, v = self._repeat(k), self._repeat(v)
         att = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.d**-0.5, dim=-1)
-        return self.o(_merge(torch.matmul(att, v)))
+        return self.o(merge_heads(torch.matmul(att, v)))
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:
@@ -190,11 +190,11 @@ class PackedVarlenBlock(nn.Module):
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(z, self.heads) for z in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(z, self.heads) for z in self.qkv(x).chunk(3, dim=-1))
         same = seg[:, :, None] == seg[:, None, :]
         s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         s = s.masked_fill(~same[:, None], float("-inf"))
-        return self.o(_merge(s.softmax(-1) @ v))
+        return self.o(merge_heads(s.softmax(-1) @ v))
 
     @classmethod
     def make(cls) -> tuple[nn.Module, tuple]:

@@ -12,17 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
-    """[B, N, H*D] -> [B, H, N, D]."""
-    b, n, _ = x.shape
-    return x.view(b, n, h, -1).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] -> [B, N, H*D]."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+from examples.attention_models import merge_heads, split_heads
 
 
 class ChunkedLinearLayer(nn.Module):
@@ -35,7 +25,7 @@ class ChunkedLinearLayer(nn.Module):
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = F.relu(q), F.relu(k)
         b, h, n, d = q.shape
         state = q.new_zeros(b, h, d, v.shape[-1])
@@ -46,7 +36,7 @@ class ChunkedLinearLayer(nn.Module):
             scores = (qi @ ki.transpose(-1, -2)).masked_fill(torch.triu(torch.ones(c, c, dtype=torch.bool), 1), 0)
             outs.append(scores @ vi + qi @ state)
             state = state + ki.transpose(-1, -2) @ vi
-        return self.o(_merge(torch.cat(outs, dim=2)))
+        return self.o(merge_heads(torch.cat(outs, dim=2)))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:
@@ -64,7 +54,7 @@ class ChunkedRetentionLayer(nn.Module):
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         b, h, n, d = q.shape
         q = q * d**-0.5
         gamma = (1 - torch.exp2(-5 - torch.arange(h, dtype=torch.float32))).view(h, 1, 1)
@@ -80,7 +70,7 @@ class ChunkedRetentionLayer(nn.Module):
             cross = (qi @ state) * torch.pow(gamma, (r + 1).view(c, 1))
             outs.append(inner + cross)
             state = state * gamma**c + ki.transpose(-1, -2) @ (vi * torch.pow(gamma, (c - 1 - r).view(c, 1)))
-        return self.o(_merge(torch.cat(outs, dim=2)))
+        return self.o(merge_heads(torch.cat(outs, dim=2)))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:
@@ -97,7 +87,7 @@ class ChunkedNormalisedLayer(nn.Module):
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = F.elu(q) + 1, F.elu(k) + 1
         b, h, n, d = q.shape
         state, z = q.new_zeros(b, h, d, v.shape[-1]), q.new_zeros(b, h, d)
@@ -112,7 +102,7 @@ class ChunkedNormalisedLayer(nn.Module):
             outs.append(num / den)
             state = state + ki.transpose(-1, -2) @ vi
             z = z + ki.sum(dim=2)
-        return self.o(_merge(torch.cat(outs, dim=2)))
+        return self.o(merge_heads(torch.cat(outs, dim=2)))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:

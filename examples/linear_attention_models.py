@@ -12,17 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
-    """[B, N, H*D] -> [B, H, N, D]."""
-    b, n, _ = x.shape
-    return x.view(b, n, h, -1).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, D] -> [B, N, H*D]."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+from examples.attention_models import merge_heads, split_heads
 
 
 class LinearTransformerLayer(nn.Module):
@@ -35,11 +25,11 @@ class LinearTransformerLayer(nn.Module):
         self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = F.elu(q) + 1, F.elu(k) + 1
         scores = q @ k.transpose(-2, -1)
         weights = scores / (scores.sum(dim=-1, keepdim=True) + self.eps)
-        return self.o(_merge(weights @ v))
+        return self.o(merge_heads(weights @ v))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:
@@ -57,11 +47,11 @@ class CausalLinearLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         tril = torch.tril(torch.ones(n, n, device=x.device, dtype=x.dtype))
         scores = torch.relu(q) @ torch.relu(k).transpose(-2, -1) * tril
         weights = scores / scores.sum(-1, keepdim=True).clamp(min=1e-4)
-        return self.o(_merge(weights @ v))
+        return self.o(merge_heads(weights @ v))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:
@@ -86,9 +76,9 @@ class RetentionLayer(nn.Module):
         return mask.masked_fill(dist < 0, 0.0)  # [H, N, N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         retention = (q @ k.transpose(-1, -2)) * self.d**-0.5 * self.decay(x.shape[1]).to(x.dtype)
-        return self.o(_merge(retention @ v))
+        return self.o(merge_heads(retention @ v))
 
     @staticmethod
     def make(n: int = 16, dim: int = 32, heads: int = 4) -> tuple[nn.Module, tuple]:
