@@ -26,7 +26,16 @@ EXACT_WIDENING = {
     (torch.bfloat16, torch.float64), (torch.float32, torch.float64),
 }  # fmt: skip
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
-PURE_MODULES = ("_operator", "operator", "math", "builtins", "torch")  # SymInt arithmetic, sym_* helpers
+_PURE_MODULES = ("_operator", "operator", "math", "builtins", "torch")  # SymInt arithmetic, sym_* helpers
+
+
+def opaque_call(node: Node) -> bool:
+    """A call whose writes no schema describes (a higher-order op, a Python callable): it may write any
+    tensor it is given. Not getitem, nor the SymInt arithmetic of dynamic shapes."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    has_schema = getattr(node.target, "_schema", None) is not None
+    return not has_schema and getattr(node.target, "__module__", None) not in _PURE_MODULES
 
 
 def _val(x: object) -> torch.Tensor | None:
@@ -66,14 +75,10 @@ class _Aliasing:
         for node in gm.graph.nodes:
             if node.op == "output":
                 self.returned.update(node.all_input_nodes)
-            if node.op != "call_function" or node.target is operator.getitem:
-                continue
-            schema = getattr(node.target, "_schema", None)
-            if schema is None:
-                if getattr(node.target, "__module__", None) not in PURE_MODULES:
-                    self.written.update(self.root(x) for x in node.all_input_nodes)
-                continue
-            for i, spec in enumerate(schema.arguments):
+            if opaque_call(node):
+                self.written.update(self.root(x) for x in node.all_input_nodes)
+            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+            for i, spec in enumerate(schema.arguments if schema else ()):
                 if spec.alias_info is None or not spec.alias_info.is_write:
                     continue
                 arg = node.args[i] if i < len(node.args) else node.kwargs.get(spec.name)

@@ -18,12 +18,10 @@ left as captured; when the written values form a recurrence the scan family repo
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import GraphModule, Node
 
-from fxfuse.passes.canonicalize import PURE_MODULES
+from fxfuse.passes.canonicalize import opaque_call
 from fxfuse.passes.reroll import chained
 from fxfuse.passes.site import Rejection
 
@@ -124,15 +122,10 @@ def foreign_writer(graph) -> Node | None:
     chunk, out=, lists of tensors)."""
     slots = _slot_copies(graph)
     for node in graph.nodes:
-        if node.op != "call_function" or node in slots or node.target is operator.getitem:
+        if node.op != "call_function" or node in slots:
             continue
         schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            name, module = getattr(node.target, "__name__", ""), getattr(node.target, "__module__", None)
-            if module in PURE_MODULES or name.startswith("sym_"):
-                continue
-            return node
-        if schema.is_mutable:
+        if opaque_call(node) or (schema is not None and schema.is_mutable):
             return node
     return None
 
